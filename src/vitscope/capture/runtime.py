@@ -1,0 +1,96 @@
+"""The attention kernel every patched attention module calls.
+
+Why a kernel of our own: fused attention (``scaled_dot_product_attention``) never materialises the
+post-softmax matrix, so forward hooks on a fused model silently capture nothing. Instead of turning
+fused attention off for the whole model, each attention module is patched once at load time to hand
+its ``q, k, v`` to :class:`AttentionRuntime`. While no plan is installed for a layer the module runs
+its own original (fused) forward, so an idle model costs one dictionary lookup per layer. A layer
+with a plan computes ``softmax(q k^T * scale)`` explicitly, exactly like timm's unfused path and
+Hugging Face's eager path, applies the plan's masks and gates, reports the matrix (and, on request,
+its gradient) to the plan's callback, and multiplies by ``v``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+AttentionCallback = Callable[[int, torch.Tensor], None]
+GradientCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class LayerPlan:
+    """What to do in one layer's attention during one forward pass.
+
+    Attributes:
+        keep: multiplier on the post-softmax attention, broadcastable to ``(B, H, T, T)``
+            (1 keeps a cell, 0 prunes it; no renormalisation). ``None``: keep everything.
+        head_gate: multiplier on each head's context vector, broadcastable to ``(B, H)``.
+            A gate of 0 equals pruning the head's whole attention matrix, but keeps the fast fused
+            kernel. A gate that requires grad yields the mask-gradient (Taylor) importance.
+        on_attention: called as ``fn(layer, attention)`` with the effective (masked) attention
+            ``(B, H, T, T)`` during the forward pass.
+        on_gradient: called as ``fn(layer, attention, grad)`` during the backward pass with the
+            gradient of the loss with respect to the effective attention.
+    """
+
+    keep: Optional[torch.Tensor] = None
+    head_gate: Optional[torch.Tensor] = None
+    on_attention: Optional[AttentionCallback] = None
+    on_gradient: Optional[GradientCallback] = None
+
+    @property
+    def needs_matrix(self) -> bool:
+        return self.keep is not None or self.on_attention is not None or self.on_gradient is not None
+
+
+class AttentionRuntime:
+    """Holds the plans for the current forward pass of one model."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.plans: dict[int, LayerPlan] = {}
+        self.calls: list[int] = []  # layers whose attention ran under a plan, in order
+
+    def plan_for(self, layer: int) -> Optional[LayerPlan]:
+        return self.plans.get(layer) if self.plans else None
+
+    def attend(
+        self,
+        plan: LayerPlan,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        dropout_p: float = 0.0,
+    ) -> torch.Tensor:
+        """Multi-head attention ``(B, H, T, D) -> (B, H, T, D)`` under ``plan``."""
+        self.calls.append(layer)
+        if plan.needs_matrix:
+            # Same operation order as timm's unfused path (q is scaled before the product).
+            attn = (q * scale) @ k.transpose(-2, -1)
+            attn = attn.softmax(dim=-1)
+            if plan.keep is not None:
+                attn = attn * plan.keep.to(dtype=attn.dtype)
+            if plan.on_gradient is not None and attn.requires_grad:
+                on_gradient = plan.on_gradient
+                held = attn.detach()
+                attn.register_hook(lambda g, _l=layer, _a=held: on_gradient(_l, _a, g))
+            if plan.on_attention is not None:
+                plan.on_attention(layer, attn.detach())
+            if dropout_p > 0.0:
+                attn = F.dropout(attn, p=dropout_p)
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        if plan.head_gate is not None:
+            gate = plan.head_gate.to(dtype=out.dtype)
+            if gate.dim() == 1:
+                gate = gate.unsqueeze(0)
+            out = out * gate[:, :, None, None]
+        return out

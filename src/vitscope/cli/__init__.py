@@ -1,0 +1,20 @@
+"""The ``vitscope`` command line. Each sub-command lives in its own module of this package."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="vitscope",
+    help="See how attention works inside Vision Transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# Sub-commands register themselves on `app` when imported.
+from vitscope.cli import info  # noqa: E402,F401
+
+
+def main() -> None:
+    app()

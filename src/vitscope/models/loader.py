@@ -1,0 +1,216 @@
+"""`load_model(spec)`: one factory for timm names, Hugging Face ids/folders, local files and built-ins."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from vitscope.models.builtin import BUILTIN_MODELS
+from vitscope.models.errors import ModelLoadError, UnsupportedModelError
+from vitscope.models.preprocessing import Preprocessing
+from vitscope.models.timm_backend import TimmBackend
+from vitscope.models.vit import ViT
+
+#: safetensors metadata keys vitscope writes so a single file can rebuild its model.
+META_ARCH = "vitscope.architecture"
+META_ARGS = "vitscope.model_args"
+META_CFG = "vitscope.pretrained_cfg"
+META_CLASSES = "vitscope.class_names"
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Weights from ``.safetensors`` or a PyTorch checkpoint (``.pth``/``.pt``/``.bin``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - report any unpickling failure the same way
+        raise ModelLoadError(f"could not read weights from {path}: {e}. Use a .safetensors file or a plain state_dict .pth") from e
+    for key in ("state_dict", "model", "model_ema", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"weights in {source} do not fit {type(model).__name__}: "
+            f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}). "
+            "Check that the model name matches the checkpoint's architecture."
+        )
+
+
+def _imagenet_class_names(model: nn.Module) -> Optional[list[str]]:
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        if not subset:
+            return None
+        info = ImageNetInfo(subset)
+        return [info.index_to_description(i) for i in range(model.num_classes)]
+    except Exception:  # noqa: BLE001 - names are a convenience, never a reason to fail
+        return None
+
+
+def wrap_timm(
+    model: nn.Module,
+    *,
+    name: Optional[str] = None,
+    spec: Optional[str] = None,
+    class_names: Optional[list[str]] = None,
+    weights_sha256: Optional[str] = None,
+    device: Union[str, torch.device, None] = None,
+) -> ViT:
+    """Wrap an already built timm VisionTransformer."""
+    from timm.data import create_transform, resolve_data_config
+
+    backend = TimmBackend(model)
+    cfg = resolve_data_config({}, model=model)
+    prep = Preprocessing.from_timm_config(cfg, transform=create_transform(**cfg))
+    name = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    vit = ViT(
+        backend,
+        name=name,
+        spec=spec or name,
+        layout=backend.layout(),
+        preprocessing=prep,
+        class_names=class_names or _imagenet_class_names(model),
+        weights_sha256=weights_sha256,
+        library="timm",
+    )
+    vit.module.requires_grad_(False)
+    return vit.to(resolve_device(device))
+
+
+def load_model(
+    spec: Union[str, nn.Module],
+    weights: Union[str, Path, None] = None,
+    device: Union[str, torch.device, None] = None,
+) -> ViT:
+    """Load a Vision Transformer as one uniform, analysable :class:`~vitscope.ViT`.
+
+    ``spec`` is one of:
+
+    - the name of a built-in model (``"fmnist_vit_tiny"``, weights included);
+    - a timm model name (``"deit_tiny_patch16_224"``): weights from ``weights=`` (``.safetensors``
+      or ``.pth``), else timm's pretrained download (needs internet);
+    - ``"hf:<hub id or local folder>"``: a Hugging Face ViT / DeiT / DINOv2 model
+      (needs ``pip install 'vitscope[hf]'``);
+    - a ``.safetensors`` file written by ``vitscope train`` (it records its own architecture);
+    - an ``nn.Module`` (a timm VisionTransformer you built yourself).
+
+    ``device`` defaults to CUDA when available. The model is put in eval mode with gradients off.
+    """
+    if isinstance(spec, nn.Module):
+        return wrap_timm(spec, device=device)
+    if not isinstance(spec, str) or not spec:
+        raise ModelLoadError(f"model spec must be a non-empty string or an nn.Module, got {spec!r}")
+    if spec.startswith("hf:"):
+        from vitscope.models.hf_backend import load_hf
+
+        return load_hf(spec[3:], weights=weights, device=device)
+    if spec in BUILTIN_MODELS:
+        entry = BUILTIN_MODELS[spec]
+        path = Path(weights) if weights else entry.weights_path
+        model = entry.factory()
+        _load_strict(model, read_state_dict(path), str(path))
+        return wrap_timm(model, name=spec, spec=spec, class_names=list(entry.class_names), weights_sha256=file_sha256(path), device=device)
+    as_path = Path(spec)
+    if as_path.suffix in (".safetensors", ".pth", ".pt") or as_path.exists():
+        return _load_local_file(as_path, device)
+
+    import timm
+
+    if not timm.is_model(spec):
+        close = timm.list_models(f"*{spec}*")[:8]
+        hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
+        raise ModelLoadError(
+            f"unknown model {spec!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), not a timm model name, "
+            f"not an existing file, and not 'hf:<id>'.{hint}"
+        )
+    if weights is not None:
+        model = timm.create_model(spec, pretrained=False)
+        _load_strict(model, read_state_dict(weights), str(weights))
+        sha = file_sha256(weights)
+    else:
+        try:
+            model = timm.create_model(spec, pretrained=True)
+        except UnsupportedModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - network/hub errors vary by version
+            raise ModelLoadError(
+                f"could not download pretrained weights for {spec!r} ({type(e).__name__}: {e}). "
+                "If you are offline, pass weights=PATH to a .safetensors or .pth file."
+            ) from e
+        sha = None
+    return wrap_timm(model, name=spec, spec=spec, weights_sha256=sha, device=device)
+
+
+def _load_local_file(path: Path, device: Union[str, torch.device, None]) -> ViT:
+    if path.is_dir():
+        if (path / "config.json").exists():
+            from vitscope.models.hf_backend import load_hf
+
+            return load_hf(str(path), device=device)
+        raise ModelLoadError(f"{path} is a folder without config.json; pass a model file or 'hf:<folder>'")
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(
+            f"{path}: a bare .pth does not say which architecture it holds; "
+            "use load_model('<timm name>', weights='{path}') instead"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta: dict[str, Any] = f.metadata() or {}
+    arch = meta.get(META_ARCH)
+    if not arch:
+        raise ModelLoadError(
+            f"{path} carries no vitscope architecture metadata; load it with "
+            f"load_model('<timm model name>', weights='{path}')"
+        )
+    import timm
+
+    from vitscope.models import registry  # noqa: F401 - registers vitscope's timm models
+
+    args = json.loads(meta.get(META_ARGS, "{}"))
+    model = timm.create_model(arch, pretrained=False, **args)
+    if META_CFG in meta:
+        cfg = json.loads(meta[META_CFG])
+        model.pretrained_cfg = cfg
+        model.default_cfg = cfg
+    _load_strict(model, read_state_dict(path), str(path))
+    names = json.loads(meta[META_CLASSES]) if META_CLASSES in meta else None
+    return wrap_timm(model, name=path.stem, spec=str(path), class_names=names, weights_sha256=file_sha256(path), device=device)

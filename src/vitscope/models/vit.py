@@ -1,0 +1,299 @@
+"""`ViT`: one uniform, analysable object for any supported Vision Transformer."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from vitscope.capture.masks import MaskSpec, compile_masks
+from vitscope.capture.runtime import AttentionRuntime, LayerPlan
+from vitscope.models.layout import TokenLayout
+from vitscope.models.preprocessing import ImageLike, Preprocessing
+
+Inputs = Union[torch.Tensor, ImageLike, Sequence[ImageLike]]
+
+
+class CaptureError(RuntimeError):
+    """A capture saw fewer attention maps than the model has layers."""
+
+
+class ViT:
+    """A loaded Vision Transformer with addressable attention.
+
+    Create one with :func:`vitscope.load_model`. The wrapped ``module`` keeps its own (fused)
+    attention; the methods below switch individual layers to the explicit kernel only while they
+    run. Inputs ``x`` are either a preprocessed ``(B, C, H, W)`` tensor or images (paths, PIL images,
+    arrays), which are run through :meth:`preprocess` first.
+
+    Hook points (for :meth:`run_with_cache`): ``"embed"`` (tokens entering block 0),
+    ``"blocks.{l}.attn.pattern"`` (post-softmax attention ``(B, H, T, T)``) and
+    ``"blocks.{l}.out"`` (residual stream after block ``l``).
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        name: str,
+        spec: str,
+        layout: TokenLayout,
+        preprocessing: Preprocessing,
+        class_names: Optional[list[str]] = None,
+        weights_sha256: Optional[str] = None,
+        library: str = "timm",
+    ) -> None:
+        self.backend = backend
+        self.name = name
+        self.spec = spec
+        self.layout = layout
+        self.preprocessing = preprocessing
+        self.class_names = class_names
+        self.weights_sha256 = weights_sha256
+        self.library = library
+        self.num_layers: int = len(backend.blocks)
+        self.num_heads: int = backend.num_heads
+        self.runtime = AttentionRuntime(self.num_layers)
+        backend.install(self.runtime)
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def module(self) -> torch.nn.Module:
+        """The underlying ``torch.nn.Module`` (timm or transformers), in eval mode."""
+        return self.backend.module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.backend.num_classes
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
+
+    def to(self, device: Union[str, torch.device]) -> "ViT":
+        self.module.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"ViT({self.name!r}, library={self.library}, layers={self.num_layers}, heads={self.num_heads}, "
+            f"{self.layout.describe()}, classes={self.num_classes})"
+        )
+
+    def preprocess(self, images: Union[ImageLike, Sequence[ImageLike]]) -> torch.Tensor:
+        """Paths, PIL images or arrays -> ``(B, C, H, W)`` with the model's own preprocessing."""
+        return self.preprocessing.batch(images)
+
+    def _input(self, x: Inputs) -> torch.Tensor:
+        if not (isinstance(x, torch.Tensor) and x.ndim == 4):
+            x = self.preprocess(x)  # type: ignore[arg-type]
+        c, h, w = self.preprocessing.input_size
+        if x.shape[1] != c:
+            raise ValueError(f"input has {x.shape[1]} channels but {self.name} expects {c}")
+        return x.to(self.device, dtype=next(self.module.parameters()).dtype)
+
+    # ------------------------------------------------------- low-level pieces
+    def embed(self, x: Inputs) -> torch.Tensor:
+        """Tokens entering block 0, ``(B, T, D)``."""
+        return self.backend.embed(self._input(x))
+
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the last block -> class logits."""
+        return self.backend.readout(h)
+
+    @contextlib.contextmanager
+    def intervene(self, plans: Mapping[int, LayerPlan]) -> Iterator[AttentionRuntime]:
+        """Install per-layer plans for the forward passes run inside the block."""
+        rt = self.runtime
+        saved, saved_calls = rt.plans, rt.calls
+        rt.plans, rt.calls = dict(plans), []
+        try:
+            yield rt
+        finally:
+            rt.plans, rt.calls = saved, saved_calls
+
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        start: int = 0,
+        stop: Optional[int] = None,
+        *,
+        plans: Optional[Mapping[int, LayerPlan]] = None,
+        on_block: Optional[Callable[[int, torch.Tensor], None]] = None,
+    ) -> torch.Tensor:
+        """Run blocks ``start..stop-1`` on the residual stream ``h`` under ``plans``.
+
+        Reusing ``h`` from an earlier call is how analyses skip the layers an ablation cannot
+        change. ``on_block(l, out)`` sees each block's output.
+        """
+        stop = self.num_layers if stop is None else stop
+        with self.intervene(plans or {}):
+            for i in range(start, stop):
+                h = self.backend.run_block(i, h)
+                if on_block is not None:
+                    on_block(i, h)
+        return h
+
+    def plans_for_masks(self, masks: Optional[MaskSpec]) -> dict[int, LayerPlan]:
+        compiled = compile_masks(
+            masks, num_layers=self.num_layers, num_heads=self.num_heads, layout=self.layout, device=self.device
+        )
+        return {layer: LayerPlan(keep=keep, head_gate=gate) for layer, (keep, gate) in compiled.items()}
+
+    # ------------------------------------------------------------ public API
+    @torch.no_grad()
+    def logits(self, x: Inputs, masks: Optional[MaskSpec] = None) -> torch.Tensor:
+        """Class logits ``(B, C)``, with ``masks`` multiplied into the post-softmax attention.
+
+        ``masks`` maps ``(layer, head)`` (``head=None``: every head of the layer) to a region:
+        ``"all"``, ``"cls"``, ``"patch"``, ``"cls_cross"``, ``"cls_self"`` or a boolean ``(T, T)``
+        / ``(B, T, T)`` tensor (True = pruned). No renormalisation. Without masks this is the plain
+        model forward.
+        """
+        x = self._input(x)
+        self._require_head()
+        if not masks:
+            return self.backend.forward(x)
+        plans = self.plans_for_masks(masks)
+        return self.readout(self.run_blocks(self.backend.embed(x), plans=plans))
+
+    @torch.no_grad()
+    def attention(self, x: Inputs, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Every post-softmax attention map, ``(B, L, H, T, T)`` (or ``(B, len(layers), H, T, T)``)."""
+        x = self._input(x)
+        sel = self._layers(layers)
+        index = {layer: i for i, layer in enumerate(sel)}
+        out = torch.empty(x.shape[0], len(sel), self.num_heads, self.num_tokens, self.num_tokens, device=x.device)
+        seen: set[int] = set()
+
+        def keep(layer: int, attn: torch.Tensor) -> None:
+            out[:, index[layer]] = attn
+            seen.add(layer)
+
+        plans = {layer: LayerPlan(on_attention=keep) for layer in sel}
+        h = self.backend.embed(x)
+        self.run_blocks(h, 0, max(sel) + 1, plans=plans)
+        self._check_seen(seen, sel)
+        return out
+
+    def stream(
+        self,
+        x: Inputs,
+        on_attention: Optional[Callable[[int, torch.Tensor], None]] = None,
+        *,
+        layers: Optional[Sequence[int]] = None,
+        on_gradient: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+        targets: Optional[torch.Tensor] = None,
+        masks: Optional[MaskSpec] = None,
+    ) -> torch.Tensor:
+        """Run the model once and hand each layer's attention to callbacks, batch by batch.
+
+        ``on_attention(layer, attn)`` is called during the forward pass with ``(B, H, T, T)``;
+        the map is not kept afterwards, so memory stays at one layer's maps. With ``on_gradient``,
+        the summed cross-entropy against ``targets`` (default: the model's own predictions) is
+        back-propagated and ``on_gradient(layer, attn, grad)`` receives ``d loss / d attn`` for each
+        layer (last layer first); each image's gradient is that of its own loss. Returns the logits.
+        """
+        x = self._input(x)
+        sel = self._layers(layers)
+        base = self.plans_for_masks(masks)
+        seen: set[int] = set()
+
+        def seen_attention(layer: int, attn: torch.Tensor) -> None:
+            seen.add(layer)
+            if on_attention is not None:
+                on_attention(layer, attn)
+
+        plans = dict(base)
+        for layer in sel:
+            p = base.get(layer, LayerPlan())
+            plans[layer] = LayerPlan(keep=p.keep, head_gate=p.head_gate, on_attention=seen_attention, on_gradient=on_gradient)
+        grad = on_gradient is not None
+        with torch.set_grad_enabled(grad):
+            h = self.backend.embed(x)
+            if grad:
+                h = h.detach().requires_grad_(True)
+            logits = self.readout(self.run_blocks(h, plans=plans))
+            self._check_seen(seen, sel)
+            if grad:
+                if targets is None:
+                    targets = logits.argmax(-1)
+                loss = F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+                loss.backward()
+        return logits.detach()
+
+    def iter_attention(self, x: Inputs, layers: Optional[Sequence[int]] = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(layer, attn)`` one layer at a time; the forward advances as you iterate."""
+        x = self._input(x)
+        sel = set(self._layers(layers))
+        with torch.no_grad():
+            h = self.backend.embed(x)
+            for i in range(self.num_layers if not sel else max(sel) + 1):
+                got: list[torch.Tensor] = []
+                plans = {i: LayerPlan(on_attention=lambda _l, a: got.append(a))} if i in sel else {}
+                h = self.run_blocks(h, i, i + 1, plans=plans)
+                if i in sel:
+                    if not got:
+                        raise CaptureError(f"layer {i} ran without reaching vitscope's attention kernel")
+                    yield i, got[0]
+
+    @torch.no_grad()
+    def run_with_cache(self, x: Inputs, names: Optional[Sequence[str]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and a cache of named activations (all hook points when ``names`` is None)."""
+        x = self._input(x)
+        want = set(names) if names is not None else None
+        valid = {"embed"} | {f"blocks.{l}.attn.pattern" for l in range(self.num_layers)} | {
+            f"blocks.{l}.out" for l in range(self.num_layers)
+        }
+        if want is not None and not want <= valid:
+            bad = sorted(want - valid)
+            raise KeyError(f"unknown hook point(s) {bad}; valid: 'embed', 'blocks.<l>.attn.pattern', 'blocks.<l>.out' for l < {self.num_layers}")
+        cache: dict[str, torch.Tensor] = {}
+
+        def wanted(name: str) -> bool:
+            return want is None or name in want
+
+        h = self.backend.embed(x)
+        if wanted("embed"):
+            cache["embed"] = h
+        plans = {
+            l: LayerPlan(on_attention=lambda layer, a: cache.__setitem__(f"blocks.{layer}.attn.pattern", a))
+            for l in range(self.num_layers)
+            if wanted(f"blocks.{l}.attn.pattern")
+        }
+
+        def on_block(l: int, out: torch.Tensor) -> None:
+            if wanted(f"blocks.{l}.out"):
+                cache[f"blocks.{l}.out"] = out
+
+        logits = self.readout(self.run_blocks(h, plans=plans, on_block=on_block)) if self.num_classes else None
+        self._check_seen({int(k.split(".")[1]) for k in cache if k.endswith("pattern")}, sorted(plans))
+        return logits, cache  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- helpers
+    def _layers(self, layers: Optional[Sequence[int]]) -> list[int]:
+        if layers is None:
+            return list(range(self.num_layers))
+        sel = sorted(set(int(l) for l in layers))
+        bad = [l for l in sel if not 0 <= l < self.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: {self.name} has layers 0..{self.num_layers - 1}")
+        return sel
+
+    def _check_seen(self, seen: set[int], wanted: Sequence[int]) -> None:
+        missing = sorted(set(wanted) - seen)
+        if missing:
+            raise CaptureError(
+                f"captured {len(set(wanted)) - len(missing)} of {len(wanted)} attention maps: layers {missing} never "
+                "reached vitscope's attention kernel (their attention module bypasses it). No partial result is returned."
+            )
+
+    def _require_head(self) -> None:
+        if not self.num_classes:
+            raise ValueError(f"{self.name} has no classification head, so it has no logits; load a model with a classifier")
