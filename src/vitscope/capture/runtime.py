@@ -77,6 +77,10 @@ class AttentionRuntime:
             attn = attn.softmax(dim=-1)
             if plan.keep is not None:
                 attn = attn * plan.keep.to(dtype=attn.dtype)
+            if plan.head_gate is not None:
+                # Gating a head's context equals gating its attention rows; folding it into the
+                # matrix makes the reported (effective) attention show the pruning too.
+                attn = attn * _gate(plan.head_gate, attn.dtype)[:, :, None, None]
             if plan.on_gradient is not None and attn.requires_grad:
                 on_gradient = plan.on_gradient
                 held = attn.detach()
@@ -88,9 +92,11 @@ class AttentionRuntime:
             out = attn @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-        if plan.head_gate is not None:
-            gate = plan.head_gate.to(dtype=out.dtype)
-            if gate.dim() == 1:
-                gate = gate.unsqueeze(0)
-            out = out * gate[:, :, None, None]
+            if plan.head_gate is not None:
+                out = out * _gate(plan.head_gate, out.dtype)[:, :, None, None]
         return out
+
+
+def _gate(gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    gate = gate.to(dtype=dtype)
+    return gate.unsqueeze(0) if gate.dim() == 1 else gate
