@@ -36,12 +36,15 @@ class LayerPlan:
             ``(B, H, T, T)`` during the forward pass.
         on_gradient: called as ``fn(layer, attention, grad)`` during the backward pass with the
             gradient of the loss with respect to the effective attention.
+        buffer: optional contiguous ``(B, H, T, T)`` tensor the attention is written into (no-grad
+            passes only), so a caller that keeps every map pays for no extra copy.
     """
 
     keep: Optional[torch.Tensor] = None
     head_gate: Optional[torch.Tensor] = None
     on_attention: Optional[AttentionCallback] = None
     on_gradient: Optional[GradientCallback] = None
+    buffer: Optional[torch.Tensor] = None
 
     @property
     def needs_matrix(self) -> bool:
@@ -72,19 +75,28 @@ class AttentionRuntime:
         """Multi-head attention ``(B, H, T, D) -> (B, H, T, D)`` under ``plan``."""
         self.calls.append(layer)
         if plan.needs_matrix:
-            # Same operation order as timm's unfused path (q is scaled before the product).
-            attn = (q * scale) @ k.transpose(-2, -1)
-            attn = attn.softmax(dim=-1)
-            if plan.keep is not None:
-                attn = attn * plan.keep.to(dtype=attn.dtype)
-            if plan.head_gate is not None:
-                # Gating a head's context equals gating its attention rows; folding it into the
-                # matrix makes the reported (effective) attention show the pruning too.
-                attn = attn * _gate(plan.head_gate, attn.dtype)[:, :, None, None]
-            if plan.on_gradient is not None and attn.requires_grad:
-                on_gradient = plan.on_gradient
-                held = attn.detach()
-                attn.register_hook(lambda g, _l=layer, _a=held: on_gradient(_l, _a, g))
+            tracking = torch.is_grad_enabled() and (
+                q.requires_grad or (plan.head_gate is not None and plan.head_gate.requires_grad)
+            )
+            if tracking:
+                # Same operation order as timm's unfused path (q is scaled before the product).
+                attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+                if plan.keep is not None:
+                    attn = attn * plan.keep.to(dtype=attn.dtype)
+                if plan.head_gate is not None:
+                    # Gating a head's context equals gating its attention rows; folding it into the
+                    # matrix makes the reported (effective) attention show the pruning too.
+                    attn = attn * _gate(plan.head_gate, attn.dtype)[:, :, None, None]
+                if plan.on_gradient is not None:
+                    on_gradient = plan.on_gradient
+                    held = attn.detach()
+                    attn.register_hook(lambda g, _l=layer, _a=held: on_gradient(_l, _a, g))
+            else:
+                attn = _softmax_scores_inplace(q, k, scale, plan.buffer)
+                if plan.keep is not None:
+                    attn.mul_(plan.keep.to(dtype=attn.dtype))
+                if plan.head_gate is not None:
+                    attn.mul_(_gate(plan.head_gate, attn.dtype)[:, :, None, None])
             if plan.on_attention is not None:
                 plan.on_attention(layer, attn.detach())
             if dropout_p > 0.0:
@@ -95,6 +107,22 @@ class AttentionRuntime:
             if plan.head_gate is not None:
                 out = out * _gate(plan.head_gate, out.dtype)[:, :, None, None]
         return out
+
+
+def _softmax_scores_inplace(q: torch.Tensor, k: torch.Tensor, scale: float, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+    """``softmax(q k^T * scale)`` computed into one buffer: one batched GEMM, one in-place softmax.
+
+    Half the memory traffic of the out-of-place version, which is most of the cost of materialising
+    attention on a CPU.
+    """
+    B, H, T, D = q.shape
+    S = k.shape[-2]
+    if buffer is None:
+        buffer = torch.empty(B, H, T, S, dtype=q.dtype, device=q.device)
+    flat = buffer.view(B * H, T, S)
+    torch.baddbmm(flat, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), beta=0.0, alpha=scale, out=flat)
+    torch.softmax(flat, dim=-1, out=flat)
+    return buffer
 
 
 def _gate(gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

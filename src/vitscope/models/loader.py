@@ -97,6 +97,14 @@ def wrap_timm(
 
     backend = TimmBackend(model)
     cfg = resolve_data_config({}, model=model)
+    # A model built directly (not from a registered config) carries timm's default 224 px config;
+    # the input the model actually accepts wins.
+    pe = model.patch_embed
+    actual = (int(pe.proj.in_channels), *(int(s) for s in pe.img_size))
+    if tuple(cfg["input_size"]) != actual and not getattr(pe, "dynamic_img_size", False):
+        cfg = {**cfg, "input_size": actual}
+        if actual[0] != len(cfg["mean"]):
+            cfg["mean"], cfg["std"] = (0.5,) * actual[0], (0.5,) * actual[0]
     prep = Preprocessing.from_timm_config(cfg, transform=create_transform(**cfg))
     name = name or getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
     vit = ViT(

@@ -169,18 +169,22 @@ class ViT:
         x = self._input(x)
         sel = self._layers(layers)
         index = {layer: i for i, layer in enumerate(sel)}
-        out = torch.empty(x.shape[0], len(sel), self.num_heads, self.num_tokens, self.num_tokens, device=x.device)
+        # Layer-major storage: each layer's maps are written in place by the kernel (no copy);
+        # the returned tensor is a (B, L, H, T, T) view of it.
+        dtype = next(self.module.parameters()).dtype
+        store = torch.empty(len(sel), x.shape[0], self.num_heads, self.num_tokens, self.num_tokens, device=x.device, dtype=dtype)
         seen: set[int] = set()
 
-        def keep(layer: int, attn: torch.Tensor) -> None:
-            out[:, index[layer]] = attn
+        def mark(layer: int, attn: torch.Tensor) -> None:
+            if attn.data_ptr() != store[index[layer]].data_ptr():
+                store[index[layer]] = attn
             seen.add(layer)
 
-        plans = {layer: LayerPlan(on_attention=keep) for layer in sel}
+        plans = {layer: LayerPlan(on_attention=mark, buffer=store[index[layer]]) for layer in sel}
         h = self.backend.embed(x)
         self.run_blocks(h, 0, max(sel) + 1, plans=plans)
         self._check_seen(seen, sel)
-        return out
+        return store.transpose(0, 1)
 
     def stream(
         self,
