@@ -293,3 +293,30 @@ def test_preprocess_matches_timm_transform(deit_tiny, imagenet_images):
     assert (plain(path) - want).abs().max().item() < 1e-5
     arr = deit_tiny.preprocess([Image.open(path)])
     assert torch.equal(arr[0], want)
+
+
+def test_allowed_keys_equal_timm_attention_mask(random_vit):
+    """Pre-softmax key removal (windowed attention) equals timm's own boolean attn_mask path."""
+    from vitscope.capture.runtime import LayerPlan
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 32, 32)
+    T = random_vit.num_tokens
+    allowed = torch.rand(T, T) > 0.5
+    allowed[:, 0] = True  # every query keeps CLS, so no row is empty
+    m = random_vit.module
+    with torch.no_grad():
+        h = random_vit.embed(x)
+        ref = h
+        for i, blk in enumerate(m.blocks):
+            ref = blk(ref, attn_mask=allowed) if i == 1 else blk(ref)
+        want = random_vit.readout(ref)
+        got_fused = random_vit.readout(random_vit.run_blocks(h, plans={1: LayerPlan(allowed=allowed)}))
+        seen = {}
+        got_explicit = random_vit.readout(
+            random_vit.run_blocks(h, plans={1: LayerPlan(allowed=allowed, on_attention=lambda l, a: seen.setdefault(l, a.clone()))})
+        )
+    assert (got_fused - want).abs().max().item() < 1e-5
+    assert (got_explicit - want).abs().max().item() < 1e-5
+    assert torch.all(seen[1][:, :, ~allowed] == 0)
+    assert torch.allclose(seen[1].sum(-1), torch.ones(()), atol=1e-5)

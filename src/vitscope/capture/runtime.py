@@ -29,6 +29,10 @@ class LayerPlan:
     Attributes:
         keep: multiplier on the post-softmax attention, broadcastable to ``(B, H, T, T)``
             (1 keeps a cell, 0 prunes it; no renormalisation). ``None``: keep everything.
+        allowed: boolean, broadcastable to ``(B, H, T, T)``: where False the key is removed *before*
+            the softmax (the row is renormalised over the allowed keys), as in windowed attention.
+            Every query must keep at least one key. Keeps the fused kernel when nothing else needs
+            the matrix.
         head_gate: multiplier on each head's context vector, broadcastable to ``(B, H)``.
             A gate of 0 equals pruning the head's whole attention matrix, but keeps the fast fused
             kernel. A gate that requires grad yields the mask-gradient (Taylor) importance.
@@ -41,6 +45,7 @@ class LayerPlan:
     """
 
     keep: Optional[torch.Tensor] = None
+    allowed: Optional[torch.Tensor] = None
     head_gate: Optional[torch.Tensor] = None
     on_attention: Optional[AttentionCallback] = None
     on_gradient: Optional[GradientCallback] = None
@@ -80,7 +85,10 @@ class AttentionRuntime:
             )
             if tracking:
                 # Same operation order as timm's unfused path (q is scaled before the product).
-                attn = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+                scores = (q * scale) @ k.transpose(-2, -1)
+                if plan.allowed is not None:
+                    scores = scores.masked_fill(~plan.allowed, float("-inf"))
+                attn = scores.softmax(dim=-1)
                 if plan.keep is not None:
                     attn = attn * plan.keep.to(dtype=attn.dtype)
                 if plan.head_gate is not None:
@@ -92,7 +100,7 @@ class AttentionRuntime:
                     held = attn.detach()
                     attn.register_hook(lambda g, _l=layer, _a=held: on_gradient(_l, _a, g))
             else:
-                attn = _softmax_scores_inplace(q, k, scale, plan.buffer)
+                attn = _softmax_scores_inplace(q, k, scale, plan.buffer, plan.allowed)
                 if plan.keep is not None:
                     attn.mul_(plan.keep.to(dtype=attn.dtype))
                 if plan.head_gate is not None:
@@ -103,13 +111,15 @@ class AttentionRuntime:
                 attn = F.dropout(attn, p=dropout_p)
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, dropout_p=dropout_p, scale=scale)
             if plan.head_gate is not None:
                 out = out * _gate(plan.head_gate, out.dtype)[:, :, None, None]
         return out
 
 
-def _softmax_scores_inplace(q: torch.Tensor, k: torch.Tensor, scale: float, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+def _softmax_scores_inplace(
+    q: torch.Tensor, k: torch.Tensor, scale: float, buffer: Optional[torch.Tensor], allowed: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``softmax(q k^T * scale)`` computed into one buffer: one batched GEMM, one in-place softmax.
 
     Half the memory traffic of the out-of-place version, which is most of the cost of materialising
@@ -121,6 +131,8 @@ def _softmax_scores_inplace(q: torch.Tensor, k: torch.Tensor, scale: float, buff
         buffer = torch.empty(B, H, T, S, dtype=q.dtype, device=q.device)
     flat = buffer.view(B * H, T, S)
     torch.baddbmm(flat, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), beta=0.0, alpha=scale, out=flat)
+    if allowed is not None:
+        buffer.masked_fill_(~allowed, float("-inf"))
     torch.softmax(flat, dim=-1, out=flat)
     return buffer
 
