@@ -320,3 +320,39 @@ def test_allowed_keys_equal_timm_attention_mask(random_vit):
     assert (got_explicit - want).abs().max().item() < 1e-5
     assert torch.all(seen[1][:, :, ~allowed] == 0)
     assert torch.allclose(seen[1].sum(-1), torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_teacher", "dinov2", "dinov2_registers"])
+def test_hf_families_capture_and_readout(family, tmp_path):
+    """Random small HF models of each supported family: capture equals eager, readout equals the model."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=4)
+    if family == "vit":
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(**common))
+        prefix = 1
+    elif family == "deit_teacher":
+        model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**common))
+        prefix = 2
+    elif family == "dinov2":
+        model = transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**common))
+        prefix = 1
+    else:
+        cfg_cls = getattr(transformers, "Dinov2WithRegistersConfig", None)
+        if cfg_cls is None:
+            pytest.skip("this transformers release has no Dinov2WithRegisters")
+        model = transformers.Dinov2WithRegistersForImageClassification(cfg_cls(num_register_tokens=3, **common))
+        prefix = 4
+    model.save_pretrained(tmp_path / family)
+    vit = vitscope.load_model(f"hf:{tmp_path / family}", device="cpu")
+    assert vit.layout.num_prefix == prefix and vit.num_tokens == prefix + 16
+    eager = type(model).from_pretrained(tmp_path / family, attn_implementation="eager").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = eager(pixel_values=x, output_attentions=True)
+    assert (vit.attention(x) - torch.stack(out.attentions, 1)).abs().max().item() <= 5e-5
+    assert (vit.logits(x) - out.logits).abs().max().item() < 1e-5
+    h = vit.embed(x)
+    with torch.no_grad():
+        via_pieces = vit.readout(vit.run_blocks(h))
+    assert (via_pieces - out.logits).abs().max().item() < 1e-5

@@ -13,7 +13,7 @@ app = typer.Typer(
 )
 
 # Sub-commands register themselves on `app` when imported.
-from vitscope.cli import info  # noqa: E402,F401
+from vitscope.cli import demo, info  # noqa: E402,F401
 
 
 def main() -> None:

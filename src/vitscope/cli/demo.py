@@ -1,0 +1,88 @@
+"""``vitscope demo``: the whole pipeline on the embedded model and sample, no download needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vitscope.cli import app
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run folder to write (resumed if it exists)"),
+    limit: int = typer.Option(0, "--limit", "-n", help="analyse only the first N sample images (0 = all 300)"),
+    report: bool = typer.Option(True, "--report/--no-report", help="also write the figures and index.html"),
+) -> None:
+    """Analyse the embedded Fashion-MNIST sample with the embedded ViT and print what it found.
+
+    Runs `vitscope analyze --model fmnist_vit_tiny --images sample --out OUT`, then
+    `vitscope report OUT`, then summarises head importance, attention strength and patterns.
+    """
+    from vitscope.analysis.run import analyze
+    from vitscope.models import DEFAULT_MODEL
+
+    console = Console()
+    run = analyze(DEFAULT_MODEL, "sample", out, limit=limit or None, device="cpu", console=console, command=f"vitscope demo --out {out}")
+    print_summary(run, console)
+    if report:
+        from vitscope.report import write_report
+
+        index = write_report(run)
+        console.print(f"\nFigures: [bold]{index}[/bold]")
+
+
+def print_summary(run: Any, console: Console) -> None:
+    """A readable summary of a finished run: accuracy, important heads, strength by layer, patterns."""
+    images, heads, m = run.images, run.heads, run.manifest
+    model = m.get("model", {})
+    console.rule(f"[bold]vitscope[/bold] · {model.get('spec', '?')}")
+    labelled = images[images["label"].notna()]
+    acc = float((labelled["prediction"] == labelled["label"]).mean()) if len(labelled) else float("nan")
+    failed = m.get("failures", [])
+    console.print(
+        f"{len(images)} images analysed ({len(failed)} skipped), accuracy {acc:.1%}; "
+        f"{heads['layer'].nunique()} layers x {heads['head'].nunique()} heads"
+    )
+
+    t = Table(title="Most important heads (pruning one head alone)", title_justify="left")
+    for col in ("layer", "head", "prob drop [95% CI]", "accuracy drop", "taylor", "entropy", "pattern"):
+        t.add_column(col, justify="right" if col not in ("pattern",) else "left")
+    top = heads.sort_values("prob_drop", ascending=False).head(5)
+    for _, r in top.iterrows():
+        t.add_row(
+            str(int(r["layer"])),
+            str(int(r["head"])),
+            _ci(r, "prob_drop"),
+            f"{r.get('acc_drop', float('nan')):+.3f}",
+            f"{r.get('taylor', float('nan')):.3g}",
+            f"{r.get('entropy_mean', float('nan')):.2f}",
+            str(r.get("pattern_name", r.get("pattern_cluster", ""))),
+        )
+    console.print(t)
+
+    s = Table(title="Attention strength by layer (patch tokens; entropy of the hop profile, max ln g)", title_justify="left")
+    for col in ("layer", "entropy min", "entropy mean", "mean distance (px)", "CLS->patch mass"):
+        s.add_column(col, justify="right")
+    by_layer = heads.groupby("layer")
+    for layer, g in by_layer:
+        s.add_row(
+            str(int(layer)),
+            f"{g['entropy_mean'].min():.2f}",
+            f"{g['entropy_mean'].mean():.2f}",
+            f"{g['mean_distance_mean'].mean():.1f}" if "mean_distance_mean" in g else "-",
+            f"{g['cls_to_patch_mean'].mean():.2f}" if "cls_to_patch_mean" in g else "-",
+        )
+    console.print(s)
+    console.print(f"Run folder: [bold]{run.path}[/bold]  (open it in Python with vitscope.open_run)")
+
+
+def _ci(row: Any, name: str) -> str:
+    v, lo, hi = row.get(name), row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    if lo is None or hi is None:
+        return f"{v:+.3f}"
+    return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
