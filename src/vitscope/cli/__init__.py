@@ -14,6 +14,8 @@ app = typer.Typer(
 
 # Sub-commands register themselves on `app` when imported.
 from vitscope.cli import demo, info  # noqa: E402,F401
+from vitscope.cli import train  # noqa: E402,F401
+from vitscope.cli import analyze  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,616 @@
+"""Head importance: what happens to the model when one attention head is pruned.
+
+Pruning a head (papers.md, Paper 1, "Head importance") multiplies its post-softmax attention matrix
+by a 0/1 mask without renormalisation. Pruning the whole matrix equals zeroing the head's slice of
+the context vector before the output projection, which is what a head gate of 0
+(:class:`~vitscope.capture.runtime.LayerPlan` ``head_gate``) does while keeping the fused kernel.
+
+Per batch of images (a driver calls these batch by batch and stores the arrays):
+
+- :func:`head_sweep`: prune every head alone and record the target probability, loss, correctness
+  and how much the pruned block's output changed. Exact and fast: the layers before the pruned one
+  are run once and shared (about ``H * (L + 1) / 2 + 1`` forward passes instead of ``L * H``).
+- :func:`head_sweep_naive`: the same numbers from one full forward per head (the reference).
+- :func:`taylor_importance`: the mask-gradient importance of Michel et al. (2019), one forward and
+  one backward pass.
+- :func:`partial_pruning`: the paper's six partial-pruning modes for one image and head.
+
+Over a whole image set (pure functions on pandas frames):
+
+- :func:`summarize_importance`: accuracy drop, probability drop, loss increase, layer change and
+  Taylor importance per head with percentile-bootstrap confidence intervals over images.
+- :func:`metric_agreement`: Spearman rank correlation between the metrics.
+- :func:`pruning_curve` / :func:`pruning_curves`: accuracy as heads are removed cumulatively.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from vitscope.capture.masks import REGIONS, region_matrix
+from vitscope.capture.runtime import LayerPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vitscope.models.vit import ViT
+
+#: Partial-pruning modes in the paper's order: mode ``i`` is ``MODES[i - 1]``.
+MODES: tuple[str, ...] = ("none",) + REGIONS
+
+#: Head-level metrics produced by :func:`summarize_importance` (larger = more important).
+METRICS: tuple[str, ...] = ("acc_drop", "prob_drop", "loss_increase", "layer_change", "taylor")
+
+Targets = Union[None, int, Sequence[int], np.ndarray, torch.Tensor]
+HeadOrder = Union[Sequence[tuple[int, int]], pd.DataFrame]
+
+
+# --------------------------------------------------------------------------- helpers
+def _as_batch(vit: "ViT", x: Any) -> torch.Tensor:
+    """A preprocessed ``(B, C, H, W)`` tensor on the model's device and dtype."""
+    if not (isinstance(x, torch.Tensor) and x.ndim == 4):
+        x = vit.preprocess(x)
+    param = next(vit.module.parameters())
+    return x.to(param.device, dtype=param.dtype)
+
+
+def _resolve_targets(targets: Targets, prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Targets as a long tensor; ``None`` or ``-1`` entries become the unpruned prediction."""
+    B = prediction.shape[0]
+    if targets is None:
+        return prediction.clone()
+    t = torch.as_tensor(np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets), dtype=torch.long)
+    if t.ndim == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"targets must hold one class index per image ({B}), got shape {tuple(t.shape)}")
+    t = t.to(prediction.device)
+    bad = (t < -1) | (t >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(
+            f"targets {t[bad].tolist()} are not class indices of this {num_classes}-class model; "
+            "use -1 to mean 'the unpruned prediction'"
+        )
+    return torch.where(t < 0, prediction, t)
+
+
+def _check_head(vit: "ViT", layer: int, head: int) -> None:
+    if not 0 <= int(layer) < vit.num_layers:
+        raise ValueError(f"layer {layer} out of range: {vit.name} has layers 0..{vit.num_layers - 1}")
+    if not 0 <= int(head) < vit.num_heads:
+        raise ValueError(f"head {head} out of range: {vit.name} has heads 0..{vit.num_heads - 1} in every layer")
+
+
+def _stream_change(pruned: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1 - cosine, relative L2)`` between block outputs, per image over all tokens x channels.
+
+    ``1 - cos`` is computed as ``||p/|p| - b/|b|||^2 / 2`` (the same quantity) because ``1 - cos``
+    of two nearly parallel vectors cancels to zero in floating point while their normalised
+    difference does not; float64 keeps small effects resolvable.
+    """
+    p = pruned.reshape(pruned.shape[0], -1).double()
+    b = base.reshape(base.shape[0], -1).double()
+    pn = p.norm(dim=1, keepdim=True)
+    bn = b.norm(dim=1, keepdim=True)
+    change = 0.5 * (p / pn - b / bn).pow(2).sum(dim=1)
+    rel = (p - b).norm(dim=1) / bn.squeeze(1)
+    return change, rel
+
+
+def _record_stream(vit: "ViT", h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run the unpruned model from the embedding; ``stream[l]`` is the input of block ``l``
+    (``stream[L]`` the output of the last block). Returns ``(stream, logits)``."""
+    stream = [h]
+    out = vit.run_blocks(h, on_block=lambda _l, o: stream.append(o))
+    return stream, vit.readout(out)
+
+
+# --------------------------------------------------------------------------- 1. head sweep
+@torch.no_grad()
+def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Prune each head of each layer alone and measure the effect on every image of a batch.
+
+    Args:
+        vit: a loaded model with a classification head.
+        x: preprocessed ``(B, C, H, W)`` batch (or images, which are preprocessed first).
+        targets: class index per image; ``None`` or ``-1`` means the unpruned prediction.
+        chunk: most rows run through the model at once (the sweep replicates the batch ``H``
+            times per layer); ``None`` runs all ``B * H`` copies of a layer together.
+
+    Returns a dict of numpy arrays (``B`` images, ``L`` layers, ``H`` heads, ``C`` classes):
+
+    - ``base_logits (B, C)``, ``base_prob (B,)`` (softmax probability of the target),
+      ``prediction (B,)``, ``target (B,)``, ``base_loss (B,)`` (cross-entropy of the target);
+    - ``pruned_prob``, ``pruned_loss`` ``(B, L, H)`` the same with head ``(l, h)`` pruned;
+      ``pruned_correct (B, L, H)``: whether the pruned model's argmax equals the target;
+    - ``layer_change (B, L, H)``: ``1 - cos(pruned, unpruned)`` of block ``l``'s output, where the
+      cosine is taken over the image's whole flattened ``tokens x channels`` output, so it measures
+      how much the head changes the residual stream leaving its own block (0 = unchanged);
+    - ``layer_rel_l2 (B, L, H)``: ``||pruned - unpruned|| / ||unpruned||`` of the same outputs.
+
+    How: one unpruned forward records each block's input and output. For layer ``l`` the block
+    input is replicated once per head, each copy with a different head gated off, and only blocks
+    ``l..L-1`` are run. Exactly the same numbers as :func:`head_sweep_naive`, at a cost of about
+    ``H * (L + 1) / 2 + 1`` forward passes of the batch instead of ``L * H``.
+    """
+    vit._require_head()
+    x = _as_batch(vit, x)
+    L, H = vit.num_layers, vit.num_heads
+    stream, base_logits = _record_stream(vit, vit.embed(x))
+    B = base_logits.shape[0]
+    n_classes = base_logits.shape[1]
+    prediction = base_logits.argmax(-1)
+    target = _resolve_targets(targets, prediction, n_classes)
+    base_logp = base_logits.double().log_softmax(-1)
+    base_lp = base_logp.gather(1, target[:, None]).squeeze(1)
+
+    rows = B * H
+    step = rows if chunk is None else int(chunk)
+    if step < 1:
+        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+    dev = base_logits.device
+    out = {k: torch.empty(L, rows, dtype=torch.float64, device=dev) for k in ("logp", "change", "rel")}
+    correct = torch.empty(L, rows, dtype=torch.bool, device=dev)
+    flat = torch.arange(rows, device=dev)
+    for l in range(L):
+        for start in range(0, rows, step):
+            idx = flat[start : start + step]
+            b_idx, h_idx = idx // H, idx % H
+            gate = torch.ones(idx.numel(), H, dtype=x.dtype, device=dev)
+            gate[torch.arange(idx.numel(), device=dev), h_idx] = 0.0
+            y = vit.run_blocks(stream[l][b_idx], l, l + 1, plans={l: LayerPlan(head_gate=gate)})
+            change, rel = _stream_change(y, stream[l + 1][b_idx])
+            logits = vit.readout(vit.run_blocks(y, l + 1))
+            t = target[b_idx]
+            out["logp"][l, idx] = logits.double().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+            out["change"][l, idx] = change
+            out["rel"][l, idx] = rel
+            correct[l, idx] = logits.argmax(-1) == t
+
+    def per_head(v: torch.Tensor) -> np.ndarray:  # (L, B*H) -> (B, L, H)
+        return v.reshape(L, B, H).permute(1, 0, 2).cpu().numpy()
+
+    return {
+        "base_logits": base_logits.float().cpu().numpy(),
+        "base_prob": base_lp.exp().cpu().numpy(),
+        "prediction": prediction.cpu().numpy(),
+        "target": target.cpu().numpy(),
+        "base_loss": (-base_lp).cpu().numpy(),
+        "pruned_prob": per_head(out["logp"].exp()),
+        "pruned_loss": per_head(-out["logp"]),
+        "pruned_correct": per_head(correct),
+        "layer_change": per_head(out["change"]),
+        "layer_rel_l2": per_head(out["rel"]),
+    }
+
+
+@torch.no_grad()
+def head_sweep_naive(vit: "ViT", x: Any, targets: Targets = None) -> dict[str, np.ndarray]:
+    """Reference for :func:`head_sweep`: one full masked forward per head (``L * H`` forwards).
+
+    Returns the same keys as :func:`head_sweep` except ``layer_change`` and ``layer_rel_l2``.
+    Slow; meant for checking the fast sweep.
+    """
+    x = _as_batch(vit, x)
+    base_logits = vit.logits(x)
+    prediction = base_logits.argmax(-1)
+    target = _resolve_targets(targets, prediction, base_logits.shape[1])
+    base_lp = base_logits.double().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+    L, H, B = vit.num_layers, vit.num_heads, x.shape[0]
+    logp = np.empty((B, L, H))
+    correct = np.empty((B, L, H), dtype=bool)
+    for l in range(L):
+        for h in range(H):
+            logits = vit.logits(x, masks={(l, h): "all"})
+            logp[:, l, h] = logits.double().log_softmax(-1).gather(1, target[:, None]).squeeze(1).cpu().numpy()
+            correct[:, l, h] = (logits.argmax(-1) == target).cpu().numpy()
+    return {
+        "base_logits": base_logits.float().cpu().numpy(),
+        "base_prob": base_lp.exp().cpu().numpy(),
+        "prediction": prediction.cpu().numpy(),
+        "target": target.cpu().numpy(),
+        "base_loss": (-base_lp).cpu().numpy(),
+        "pruned_prob": np.exp(logp),
+        "pruned_loss": -logp,
+        "pruned_correct": correct,
+    }
+
+
+# --------------------------------------------------------------------------- 2. Taylor
+def taylor_importance(vit: "ViT", x: Any, targets: Targets = None) -> np.ndarray:
+    """Mask-gradient (Taylor) head importance of Michel et al. (2019), per image, ``(B, L, H)``.
+
+    Every head's context is multiplied by a gate ``xi = 1``; the importance of head ``(l, h)`` for
+    image ``i`` is ``|d loss_i / d xi_{l,h}|`` where ``loss_i`` is the cross-entropy of the image's
+    target (``None`` / ``-1``: the unpruned prediction). It is the first-order estimate of the loss
+    change when the head is pruned. The head-level score of the paper is the mean of this absolute
+    value over images (the ``taylor`` column of :func:`summarize_importance`). The batch loss is
+    the sum of the per-image losses, and image ``i``'s loss depends only on its own gates, so one
+    forward and one backward give every image its own gradient.
+    """
+    vit._require_head()
+    x = _as_batch(vit, x)
+    L, H = vit.num_layers, vit.num_heads
+    with torch.no_grad():
+        h0 = vit.embed(x)
+    xi = torch.ones(h0.shape[0], L, H, dtype=h0.dtype, device=h0.device, requires_grad=True)
+    plans = {l: LayerPlan(head_gate=xi[:, l]) for l in range(L)}
+    with torch.enable_grad():
+        logits = vit.readout(vit.run_blocks(h0, plans=plans))
+        target = _resolve_targets(targets, logits.detach().argmax(-1), logits.shape[1])
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xi)
+    return grad.abs().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- 3. partial pruning
+def _single_image(vit: "ViT", image: Any) -> torch.Tensor:
+    """One image as a ``(1, C, H, W)`` batch; floating-point tensors are taken as preprocessed."""
+    if isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim in (3, 4):
+        x = image.unsqueeze(0) if image.ndim == 3 else image
+        if x.shape[0] != 1:
+            raise ValueError(f"partial_pruning takes one image, got a batch of {x.shape[0]}; loop over the images")
+        return _as_batch(vit, x)
+    return _as_batch(vit, vit.preprocess([image]))
+
+
+@torch.no_grad()
+def partial_pruning(
+    vit: "ViT", image: Any, layer: int, head: int, label: Optional[int] = None, topk: int = 5
+) -> pd.DataFrame:
+    """The paper's six partial-pruning modes of one head on one image.
+
+    Modes (rows, in the paper's order): 1 ``none``; 2 ``all`` (the whole matrix); 3 ``cls`` (CLS
+    row + CLS column); 4 ``patch`` (patch->patch block); 5 ``cls_cross`` (CLS row + column without
+    the CLS->CLS cell); 6 ``cls_self`` (the CLS->CLS cell only). Pruned cells are set to 0 without
+    renormalisation.
+
+    Args:
+        image: a path, PIL image or array, or a preprocessed float ``(C, H, W)`` / ``(1, C, H, W)``
+            tensor (float tensors are not preprocessed again).
+        label: class whose probability is reported; ``None`` = the unpruned prediction.
+        topk: how many top predictions to list per mode.
+
+    Returns a DataFrame with columns ``mode`` (1..6), ``region``, ``label``, ``label_prob`` and the
+    list columns ``top_classes``, ``top_names``, ``top_probs``.
+
+    The blocks before ``layer`` run once; the six variants then run as one batch from ``layer`` on.
+    """
+    vit._require_head()
+    _check_head(vit, layer, head)
+    x = _single_image(vit, image)
+    n = len(MODES)
+    h = vit.run_blocks(vit.embed(x), 0, layer)
+    T, H = vit.num_tokens, vit.num_heads
+    keep = torch.ones(n, H, T, T, dtype=h.dtype, device=h.device)
+    for i, region in enumerate(MODES):
+        if region not in ("none", "all"):
+            keep[i, head] = (~region_matrix(region, vit.layout)).to(device=h.device, dtype=h.dtype)
+    gate = torch.ones(n, H, dtype=h.dtype, device=h.device)
+    gate[MODES.index("all"), head] = 0.0  # the whole matrix: same as zeroing the head's context
+    plans = {layer: LayerPlan(keep=keep, head_gate=gate)}
+    logits = vit.readout(vit.run_blocks(h.expand(n, -1, -1).contiguous(), layer, plans=plans))
+    probs = logits.double().softmax(-1).cpu()
+    if label is None:
+        label = int(probs[0].argmax())
+    elif not 0 <= int(label) < probs.shape[1]:
+        raise ValueError(f"label {label} is not a class index of this {probs.shape[1]}-class model")
+    k = max(1, min(int(topk), probs.shape[1]))
+    top_p, top_c = probs.topk(k, dim=-1)
+    names = vit.class_names
+    rows = []
+    for i, region in enumerate(MODES):
+        classes = top_c[i].tolist()
+        rows.append(
+            {
+                "mode": i + 1,
+                "region": region,
+                "label": int(label),
+                "label_prob": float(probs[i, int(label)]),
+                "top_classes": classes,
+                "top_names": [names[c] if names else str(c) for c in classes],
+                "top_probs": top_p[i].tolist(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- 4. aggregation
+def _effects(image_heads: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
+    """Per-image effect matrices ``(N images, K heads)`` for every metric whose inputs are present.
+
+    Returns ``(heads, {metric: matrix}, image_ids)`` where ``heads`` lists ``layer, head`` in the
+    column order of the matrices.
+    """
+    for col in ("image_id", "layer", "head"):
+        if col not in image_heads.columns:
+            raise ValueError(f"image_heads needs a {col!r} column (one row per image and head)")
+    if "image_id" not in images.columns:
+        raise ValueError("images needs an 'image_id' column (one row per image)")
+    if images["image_id"].duplicated().any():
+        dup = images.loc[images["image_id"].duplicated(), "image_id"].iloc[0]
+        raise ValueError(f"images lists image_id {dup!r} more than once")
+    if image_heads.duplicated(["image_id", "layer", "head"]).any():
+        r = image_heads.loc[image_heads.duplicated(["image_id", "layer", "head"])].iloc[0]
+        raise ValueError(f"image_heads has more than one row for image_id={r.image_id!r}, layer={r.layer}, head={r.head}")
+
+    ids, img_code = np.unique(image_heads["image_id"].to_numpy(), return_inverse=True)
+    keys = image_heads[["layer", "head"]].to_numpy(dtype=np.int64)
+    heads_arr, head_code = np.unique(keys, axis=0, return_inverse=True)
+    head_code = head_code.reshape(-1)
+    N, K = len(ids), len(heads_arr)
+    if len(image_heads) != N * K:
+        present = np.zeros((N, K), dtype=bool)
+        present[img_code, head_code] = True
+        i, k = np.argwhere(~present)[0]
+        raise ValueError(
+            f"image_heads is incomplete: {N * K - len(image_heads)} (image, head) rows are missing, e.g. "
+            f"image_id={ids[i]!r}, layer={heads_arr[k, 0]}, head={heads_arr[k, 1]}; every image needs a row for every head"
+        )
+
+    per_image = images.set_index("image_id")
+    missing = pd.Index(ids).difference(per_image.index)
+    if len(missing):
+        raise ValueError(f"{len(missing)} image_id(s) of image_heads are not in images, e.g. {missing[0]!r}")
+    per_image = per_image.loc[ids]
+
+    def grid(values: Any) -> np.ndarray:
+        m = np.empty((N, K))
+        m[img_code, head_code] = np.asarray(values, dtype=np.float64)
+        return m
+
+    def column(name: str) -> np.ndarray:
+        return per_image[name].to_numpy(dtype=np.float64)[:, None]
+
+    cols, icols = set(image_heads.columns), set(images.columns)
+    eff: dict[str, np.ndarray] = {}
+    if "pruned_correct" in cols and "correct" in icols:
+        eff["acc_drop"] = column("correct") - grid(image_heads["pruned_correct"])
+    if "pruned_prob" in cols and "base_prob" in icols:
+        eff["prob_drop"] = column("base_prob") - grid(image_heads["pruned_prob"])
+    if "pruned_loss" in cols and "base_loss" in icols:
+        eff["loss_increase"] = grid(image_heads["pruned_loss"]) - column("base_loss")
+    if "layer_change" in cols:
+        eff["layer_change"] = grid(image_heads["layer_change"])
+    if "layer_rel_l2" in cols:
+        eff["layer_rel_l2"] = grid(image_heads["layer_rel_l2"])
+    if "taylor" in cols:
+        eff["taylor"] = np.abs(grid(image_heads["taylor"]))
+    if not eff:
+        raise ValueError(
+            "no metric can be computed: image_heads needs pruned_correct / pruned_prob / pruned_loss (with correct / "
+            "base_prob / base_loss in images), layer_change or taylor"
+        )
+    heads = pd.DataFrame({"layer": heads_arr[:, 0], "head": heads_arr[:, 1]})
+    return heads, eff, ids
+
+
+def bootstrap_means(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap interval of the column means of ``values (N, K)``, resampling rows.
+
+    Resample ``r`` draws ``rng.integers(0, N, size=N)`` from ``numpy.random.default_rng(seed)``,
+    in order, and every column uses the same resamples (so intervals of different heads and
+    metrics are paired). Vectorised: each resample becomes a row of counts and all means are one
+    matrix product. Returns ``(lo, hi)``, each ``(K,)``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    N = values.shape[0]
+    rng = np.random.default_rng(seed)
+    boot = np.empty((n_boot, values.shape[1]))
+    rows = max(1, min(n_boot, 4_000_000 // max(N, 1)))  # bound the counts matrix to ~32 MB
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        counts = np.stack([np.bincount(rng.integers(0, N, size=N), minlength=N) for _ in range(start, stop)])
+        boot[start:stop] = counts @ values / N
+    alpha = (1.0 - ci) / 2.0
+    lo, hi = np.percentile(boot, [100 * alpha, 100 * (1 - alpha)], axis=0)
+    return lo, hi
+
+
+def summarize_importance(
+    image_heads: pd.DataFrame, images: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95
+) -> pd.DataFrame:
+    """Head-level importance over an image set, with bootstrap confidence intervals.
+
+    Args:
+        image_heads: one row per (image, head): ``image_id, layer, head`` and any of
+            ``pruned_prob, pruned_loss, pruned_correct, layer_change, layer_rel_l2, taylor``.
+        images: one row per image: ``image_id`` and ``base_prob, base_loss, correct``.
+        n_boot: bootstrap resamples of the images (0: no intervals).
+        ci: coverage of the percentile interval.
+
+    Returns one row per (layer, head) with ``head_index = layer * H + head`` (the paper's axis),
+    ``n_images`` and, for each metric whose inputs are present, the mean over images plus
+    ``<metric>_lo`` / ``<metric>_hi``:
+
+    - ``acc_drop``: accuracy unpruned minus accuracy with the head pruned;
+    - ``prob_drop``: mean drop of the target probability;
+    - ``loss_increase``: mean increase of the target cross-entropy;
+    - ``layer_change`` (and ``layer_rel_l2``): mean change of the pruned block's output;
+    - ``taylor``: mean absolute mask gradient (Michel et al. 2019).
+
+    Intervals resample images (every head and metric uses the same resamples), so they say how
+    much a head's score depends on which images were analysed.
+    """
+    heads, eff, ids = _effects(image_heads, images)
+    n_heads_per_layer = int(heads["head"].max()) + 1
+    out = heads.copy()
+    out.insert(2, "head_index", out["layer"] * n_heads_per_layer + out["head"])
+    out["n_images"] = len(ids)
+    names = list(eff)
+    stacked = np.concatenate([eff[m] for m in names], axis=1)
+    means = stacked.mean(axis=0)
+    if n_boot > 0:
+        lo, hi = bootstrap_means(stacked, n_boot=n_boot, seed=seed, ci=ci)
+    else:
+        lo = hi = np.full_like(means, np.nan)
+    K = len(heads)
+    for i, m in enumerate(names):
+        sl = slice(i * K, (i + 1) * K)
+        out[m], out[f"{m}_lo"], out[f"{m}_hi"] = means[sl], lo[sl], hi[sl]
+    return out
+
+
+def metric_agreement(heads: pd.DataFrame, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Spearman rank correlation between every pair of head-level metrics.
+
+    ``heads`` is the output of :func:`summarize_importance`; ``metrics`` defaults to every metric
+    column present. Returns one row per unordered pair: ``metric_a, metric_b, spearman, p_value,
+    n_heads``. A high correlation means the metrics rank heads alike.
+    """
+    from scipy.stats import spearmanr
+
+    if metrics is None:
+        metrics = [m for m in (*METRICS, "layer_rel_l2") if m in heads.columns]
+    missing = [m for m in metrics if m not in heads.columns]
+    if missing:
+        raise ValueError(f"heads has no column(s) {missing}; available: {list(heads.columns)}")
+    rows = []
+    for i, a in enumerate(metrics):
+        for b in metrics[i + 1 :]:
+            ok = heads[a].notna() & heads[b].notna()
+            rho, p = spearmanr(heads.loc[ok, a], heads.loc[ok, b]) if ok.sum() > 2 else (np.nan, np.nan)
+            rows.append({"metric_a": a, "metric_b": b, "spearman": float(rho), "p_value": float(p), "n_heads": int(ok.sum())})
+    return pd.DataFrame(rows, columns=["metric_a", "metric_b", "spearman", "p_value", "n_heads"])
+
+
+def _order_list(vit: "ViT", order: HeadOrder, name: str) -> list[tuple[int, int]]:
+    if isinstance(order, pd.DataFrame):
+        if not {"layer", "head"} <= set(order.columns):
+            raise ValueError(f"order {name!r}: a DataFrame order needs 'layer' and 'head' columns")
+        pairs = list(zip(order["layer"].astype(int), order["head"].astype(int)))
+    else:
+        pairs = [(int(l), int(h)) for l, h in order]
+    for l, h in pairs:
+        _check_head(vit, l, h)
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"order {name!r} lists a head more than once; each head can be removed only once")
+    return pairs
+
+
+def default_steps(n: int, points: int = 13) -> list[int]:
+    """About ``points`` evenly spaced head counts from 0 to ``n`` (inclusive)."""
+    return sorted(set(np.linspace(0, n, min(points, n + 1)).round().astype(int).tolist()))
+
+
+def _split_batch(batch: Any) -> tuple[Any, Targets]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (str, bytes)):
+        return batch[0], batch[1]
+    return batch, None
+
+
+@torch.no_grad()
+def _curves(
+    vit: "ViT", batches: Iterable[Any], orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]
+) -> pd.DataFrame:
+    """Cumulative-pruning curves for several orders in one pass over ``batches``.
+
+    Identical pruned sets (k = 0, or all heads) are evaluated once; each pruned model starts from
+    the recorded input of its first pruned layer, since the layers before it are unchanged.
+    """
+    L, H = vit.num_layers, vit.num_heads
+    configs: dict[frozenset[tuple[int, int]], list[tuple[str, int]]] = {}
+    for name, order in orders.items():
+        for k in steps[name]:
+            configs.setdefault(frozenset(order[:k]), []).append((name, k))
+    sums = {c: np.zeros(3) for c in configs}  # correct, prob, loss
+    n_images = 0
+    for batch in batches:
+        xb, tb = _split_batch(batch)
+        x = _as_batch(vit, xb)
+        stream, base_logits = _record_stream(vit, vit.embed(x))
+        target = _resolve_targets(tb, base_logits.argmax(-1), base_logits.shape[1])
+        n_images += x.shape[0]
+        for config in configs:
+            if config:
+                gates = torch.ones(L, H, dtype=x.dtype, device=x.device)
+                for l, h in config:
+                    gates[l, h] = 0.0
+                start = min(l for l, _ in config)
+                plans = {l: LayerPlan(head_gate=gates[l][None]) for l in sorted({l for l, _ in config})}
+                logits = vit.readout(vit.run_blocks(stream[start], start, plans=plans))
+            else:
+                logits = base_logits
+            logp = logits.double().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+            sums[config] += [
+                float((logits.argmax(-1) == target).sum()),
+                float(logp.exp().sum()),
+                float(-logp.sum()),
+            ]
+    if n_images == 0:
+        raise ValueError("batches yielded no images")
+    rows = []
+    for config, uses in configs.items():
+        acc, prob, loss = sums[config] / n_images
+        for name, k in uses:
+            rows.append({"metric": name, "k": k, "accuracy": acc, "mean_prob": prob, "mean_loss": loss, "n_images": n_images})
+    order_of = {name: i for i, name in enumerate(orders)}
+    df = pd.DataFrame(rows)
+    df = df.sort_values(["metric", "k"], key=lambda s: s.map(order_of) if s.name == "metric" else s, kind="mergesort")
+    return df.reset_index(drop=True)
+
+
+def pruning_curve(
+    vit: "ViT", batches: Iterable[Any], order: HeadOrder, steps: Optional[Sequence[int]] = None
+) -> pd.DataFrame:
+    """Accuracy as heads are removed cumulatively in ``order``.
+
+    Args:
+        batches: iterable of preprocessed batches ``x`` or ``(x, targets)`` pairs (targets ``-1``
+            or absent: the unpruned prediction, so the unpruned accuracy is 1).
+        order: ``(layer, head)`` pairs or a DataFrame with ``layer, head`` columns, first removed first.
+        steps: numbers of removed heads ``k`` to evaluate (default: ~13 points from 0 to
+            ``len(order)``). At ``k`` the first ``k`` heads of ``order`` are pruned together (head
+            gates 0 in every affected layer).
+
+    Returns ``k, accuracy, mean_prob, mean_loss, n_images`` per step (probability and loss of the
+    target).
+    """
+    pairs = _order_list(vit, order, "order")
+    ks = _check_steps(steps, len(pairs), "order")
+    return _curves(vit, batches, {"order": pairs}, {"order": ks}).drop(columns="metric")
+
+
+def _check_steps(steps: Optional[Sequence[int]], n: int, name: str) -> list[int]:
+    ks = default_steps(n) if steps is None else sorted(set(int(k) for k in steps))
+    bad = [k for k in ks if not 0 <= k <= n]
+    if bad:
+        raise ValueError(f"steps {bad} for {name!r} are outside 0..{n} (the number of heads in its order)")
+    return ks
+
+
+def pruning_curves(
+    vit: "ViT",
+    batches: Iterable[Any],
+    heads: pd.DataFrame,
+    metrics: Optional[Sequence[str]] = None,
+    *,
+    steps: Optional[Sequence[int]] = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Cumulative pruning curves, one per metric, removing the most important head first.
+
+    ``heads`` is the output of :func:`summarize_importance`; ``metrics`` defaults to every metric
+    column present. The name ``"random"`` adds a baseline order (a permutation from ``seed``).
+    Ties are broken by (layer, head). A metric whose curve falls fastest ranks heads best.
+    ``batches`` is iterated once for all metrics (a generator is fine). Returns
+    ``metric, k, accuracy, mean_prob, mean_loss, n_images``.
+    """
+    if metrics is None:
+        metrics = [m for m in METRICS if m in heads.columns]
+    orders: dict[str, list[tuple[int, int]]] = {}
+    for m in metrics:
+        if m == "random":
+            perm = np.random.default_rng(seed).permutation(len(heads))
+            ranked = heads.iloc[perm]
+        else:
+            if m not in heads.columns:
+                raise ValueError(f"heads has no column {m!r}; available: {list(heads.columns)} (or 'random')")
+            ranked = heads.sort_values([m, "layer", "head"], ascending=[False, True, True], na_position="last", kind="mergesort")
+        orders[m] = _order_list(vit, ranked, m)
+    ks = {m: _check_steps(steps, len(o), m) for m, o in orders.items()}
+    return _curves(vit, batches, orders, ks)

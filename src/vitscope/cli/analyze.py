@@ -1,0 +1,113 @@
+"""``vitscope analyze`` (all Paper 1 analyses into a run folder) and ``vitscope report`` (its figures)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from vitscope.cli import app
+
+
+def _fail(console: Console, message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def analyze(
+    model: str = typer.Option(..., "--model", "-m", help="timm name, hf:<id or folder>, built-in name (fmnist_vit_tiny), or a vitscope .safetensors file"),
+    images: str = typer.Option(..., "--images", "-i", help="image folder (class sub-folders or labels.csv are picked up), or 'sample' for the embedded sample"),
+    out: Path = typer.Option(..., "--out", "-o", help="run folder to write (or resume)"),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="weights file (.safetensors or .pth) for a timm name"),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="CSV with a 'path' column and a 'label' or 'class_index' column"),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="analyse only the first N images (sorted by path)"),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="images per chunk; a killed run resumes at the next unfinished chunk"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed for bootstrap, curve subset, autoencoders, projection and clustering"),
+    n_boot: int = typer.Option(1000, "--boot", min=0, help="bootstrap resamples for the 95% intervals"),
+    latent_dim: int = typer.Option(8, "--latent-dim", min=1, help="latent size of the pattern autoencoders"),
+    n_clusters: int = typer.Option(10, "--clusters", min=1, help="pattern clusters per catalogue (patch-to-patch, CLS)"),
+    projection: str = typer.Option("umap", "--projection", help="2-D projection of the pattern codes: umap, tsne or pca"),
+    curve_images: int = typer.Option(128, "--curve-images", min=0, help="images (seeded subset) for the cumulative pruning curves; 0 = all"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
+    workers: int = typer.Option(0, "--workers", min=0, help="image-decoding worker processes"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace whatever run --out holds instead of resuming it"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Compute head importance, attention strength and attention patterns over an image set.
+
+    Writes the run folder OUT (manifest.json, Parquet tables, arrays.zarr); read it with
+    vitscope.open_run(OUT) or draw it with `vitscope report OUT`. Run the same command again
+    after an interruption to resume; finished work is not redone.
+    """
+    from vitscope.analysis.run import AnalyzeSettings, analyze as run_analyze
+    from vitscope.store import RunError
+
+    console = Console(stderr=True)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        settings = AnalyzeSettings(
+            batch_size=batch_size,
+            seed=seed,
+            n_boot=n_boot,
+            latent_dim=latent_dim,
+            n_clusters=n_clusters,
+            projection=projection,
+            curve_images=curve_images,
+        )
+        settings.validate()
+    except ValueError as e:
+        _fail(console, str(e))
+    command = shlex.join(["vitscope", *sys.argv[1:]]) if sys.argv and Path(sys.argv[0]).name.startswith("vitscope") else None
+    try:
+        run = run_analyze(
+            model,
+            images,
+            out,
+            weights=weights,
+            labels=labels,
+            limit=limit,
+            settings=settings,
+            overwrite=overwrite,
+            device=device,
+            num_workers=workers,
+            progress=not quiet,
+            console=console,
+            command=command,
+        )
+    except (RunError, FileNotFoundError) as e:
+        _fail(console, str(e))
+    except ValueError as e:
+        # Model, data and label errors are ValueErrors whose message names the item and the fix.
+        _fail(console, str(e))
+    counts = run.manifest["counts"]
+    console.print(
+        f"wrote {run.path}: {counts['analysed']} images analysed, {counts['failed']} skipped. "
+        f"Next: `vitscope report {run.path}` or vitscope.open_run({str(run.path)!r})"
+    )
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="run folder written by `vitscope analyze`"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: RUN/report)"),
+) -> None:
+    """Draw a figure per analysis (PNG and SVG) and an index.html that shows them all."""
+    from vitscope.report import write_report
+    from vitscope.store import RunError, open_run
+
+    console = Console(stderr=True)
+    try:
+        r = open_run(run)
+    except RunError as e:
+        _fail(console, str(e))
+    index = write_report(r, out)
+    console.print(f"wrote {index} (open it in a browser; it needs no internet)")

@@ -1,0 +1,465 @@
+"""`write_report`: one figure per analysis of a run (PNG + SVG) and an ``index.html`` that shows them.
+
+Figures follow Paper 1's views: head importance per metric (layer x head heatmap and the paper's
+head-index axis ``layer * H + head`` with 95% bootstrap intervals), metric agreement, cumulative
+pruning curves, head entropy by layer (strip plot), hop profiles, mean attention distance, the
+attention-pattern embedding with density contours, the decoded pattern prototypes and the image
+overview. The HTML page references the figure files next to it, so it works offline.
+
+Figures are drawn with matplotlib's object API (``Figure``), which needs no GUI backend and leaves
+pyplot's global state alone.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from vitscope.store import Run
+
+#: Readable names of the importance metrics (columns of ``heads``).
+METRIC_LABELS = {
+    "prob_drop": "probability drop",
+    "acc_drop": "accuracy drop",
+    "loss_increase": "loss increase",
+    "layer_change": "layer output change (1 - cos)",
+    "taylor": "Taylor (|mask gradient|)",
+    "random": "random order",
+}
+
+FORMATS = ("png", "svg")
+
+
+@dataclass
+class FigureEntry:
+    """One written figure: its file stem, title and caption."""
+
+    stem: str
+    title: str
+    caption: str
+
+
+# ------------------------------------------------------------------ helpers
+def _new_figure(width: float, height: float) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: "Figure", folder: Path, stem: str) -> None:
+    for fmt in FORMATS:
+        # No timestamps in the files, so re-running a report gives identical files.
+        meta = {"Date": None} if fmt == "svg" else {"Software": None}
+        fig.savefig(folder / f"{stem}.{fmt}", format=fmt, dpi=130 if fmt == "png" else None, metadata=meta)
+
+
+def _metrics(heads: pd.DataFrame) -> list[str]:
+    return [m for m in ("prob_drop", "acc_drop", "loss_increase", "layer_change", "taylor") if m in heads.columns]
+
+
+def _matrix(heads: pd.DataFrame, column: str, L: int, H: int) -> np.ndarray:
+    out = np.full((L, H), np.nan)
+    out[heads["layer"].to_numpy(), heads["head"].to_numpy()] = heads[column].to_numpy(dtype=float)
+    return out
+
+
+def _layer_colors(L: int) -> Any:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(i / max(1, L - 1)) for i in range(L)]
+
+
+# ------------------------------------------------------------------ figures
+def fig_importance(run: "Run", metric: str) -> "Figure":
+    """Heatmap (layer x head) of one importance metric, and every head with its 95% interval."""
+    heads = run.heads.sort_values(["layer", "head"])
+    L, H = run.num_layers, run.num_heads
+    label = METRIC_LABELS.get(metric, metric)
+    fig = _new_figure(11, 4.2)
+    ax_map, ax_ci = fig.subplots(1, 2, width_ratios=[1, 2.2])
+    mat = _matrix(heads, metric, L, H)
+    im = ax_map.imshow(mat, aspect="auto", cmap="magma", origin="upper")
+    ax_map.set_xlabel("head")
+    ax_map.set_ylabel("layer")
+    ax_map.set_xticks(range(H))
+    ax_map.set_yticks(range(L))
+    ax_map.set_title(f"{label} (mean over images)")
+    fig.colorbar(im, ax=ax_map, label=label)
+    if L * H <= 48:
+        for (l, h), v in np.ndenumerate(mat):
+            if np.isfinite(v):
+                ax_map.text(h, l, f"{v:.2g}", ha="center", va="center", fontsize=7, color="white" if v < np.nanmax(mat) * 0.6 else "black")
+
+    idx = (heads["layer"] * H + heads["head"]).to_numpy()
+    mean = heads[metric].to_numpy(dtype=float)
+    lo_col, hi_col = f"{metric}_lo", f"{metric}_hi"
+    colors = _layer_colors(L)
+    if lo_col in heads and hi_col in heads:
+        lo = heads[lo_col].to_numpy(dtype=float)
+        hi = heads[hi_col].to_numpy(dtype=float)
+        err = np.vstack([np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)])
+        ax_ci.errorbar(idx, mean, yerr=err, fmt="none", ecolor="0.55", elinewidth=1, capsize=1.5, label="95% bootstrap interval")
+    for l in range(L):
+        sel = heads["layer"].to_numpy() == l
+        ax_ci.scatter(idx[sel], mean[sel], s=14, color=colors[l], zorder=3, label=f"layer {l}" if L <= 12 else None)
+    ax_ci.axhline(0, color="0.7", lw=0.8)
+    ax_ci.set_xlabel(f"head index (layer x {H} + head)")
+    ax_ci.set_ylabel(label)
+    ax_ci.set_title(f"{label} per head, {int(heads['n_images'].iloc[0]) if 'n_images' in heads else '?'} images")
+    ax_ci.legend(fontsize=7, ncol=2 if L > 6 else 1, loc="best")
+    return fig
+
+
+def fig_agreement(run: "Run") -> "Figure":
+    """Spearman rank correlation between every pair of importance metrics."""
+    ag = run.agreement
+    metrics = list(dict.fromkeys([*ag["metric_a"], *ag["metric_b"]]))
+    n = len(metrics)
+    mat = np.eye(n)
+    pos = {m: i for i, m in enumerate(metrics)}
+    for r in ag.itertuples():
+        mat[pos[r.metric_a], pos[r.metric_b]] = mat[pos[r.metric_b], pos[r.metric_a]] = r.spearman
+    fig = _new_figure(5.6, 4.8)
+    ax = fig.subplots()
+    im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu_r")
+    names = [METRIC_LABELS.get(m, m) for m in metrics]
+    ax.set_xticks(range(n), names, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("metric")
+    ax.set_ylabel("metric")
+    for (i, j), v in np.ndenumerate(mat):
+        ax.text(j, i, "—" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="Spearman rank correlation")
+    ax.set_title("Do the importance metrics rank heads alike?")
+    return fig
+
+
+def fig_curves(run: "Run") -> "Figure":
+    """Accuracy as the most important heads (by each metric) are pruned together."""
+    cv = run.curves
+    fig = _new_figure(6.4, 4.4)
+    ax = fig.subplots()
+    for metric, g in cv.groupby("metric", sort=False):
+        g = g.sort_values("k")
+        style = dict(ls="--", color="0.4") if metric == "random" else {}
+        ax.plot(g["k"], g["accuracy"], marker="o", ms=3.5, label=METRIC_LABELS.get(str(metric), str(metric)), **style)
+    n = int(cv["n_images"].iloc[0]) if "n_images" in cv and len(cv) else None
+    ax.set_xlabel("heads pruned (most important first)")
+    ax.set_ylabel("accuracy" + (f" ({n} images)" if n else ""))
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Cumulative pruning curves")
+    ax.legend(title="order by", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _strength_columns(heads: pd.DataFrame, measure: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        heads[f"{measure}_mean"].to_numpy(dtype=float),
+        heads[f"{measure}_q25"].to_numpy(dtype=float),
+        heads[f"{measure}_q75"].to_numpy(dtype=float),
+    )
+
+
+def fig_entropy(run: "Run") -> "Figure":
+    """Head entropy by layer (the paper's strip plot): low = local/self heads, ln G = distance-agnostic."""
+    heads = run.heads
+    L, H = run.num_layers, run.num_heads
+    mean, q25, q75 = _strength_columns(heads, "entropy")
+    layer = heads["layer"].to_numpy()
+    jitter = (heads["head"].to_numpy() - (H - 1) / 2) / max(H, 1) * 0.5
+    G = max(run.manifest["model"]["layout"]["grid"])
+    fig = _new_figure(7.5, 4.2)
+    ax = fig.subplots()
+    ax.vlines(layer + jitter, q25, q75, color="0.7", lw=1, label="interquartile range over images")
+    ax.scatter(layer + jitter, mean, s=18, c=[_layer_colors(L)[l] for l in layer], zorder=3, label="head (mean over images)")
+    ax.axhline(math.log(G), color="C3", ls="--", lw=1, label=f"uniform over distance (ln {G} = {math.log(G):.2f})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("hop-distance entropy (nats)")
+    ax.set_xticks(range(L))
+    ax.set_ylim(bottom=0)
+    ax.set_title("Attention strength: entropy of every head by layer")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def fig_hop_profiles(run: "Run") -> "Figure":
+    """Mean attention at each hop distance, one panel per layer, one line per head."""
+    heads = run.heads.sort_values(["layer", "head"])
+    L, H = run.num_layers, run.num_heads
+    cols = min(4, L)
+    rows = math.ceil(L / cols)
+    fig = _new_figure(3.0 * cols, 2.3 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, sharex=True, sharey=True)).reshape(-1)
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if H > 10 else "tab10"]
+    for l in range(L):
+        ax = axes[l]
+        for r in heads[heads["layer"] == l].itertuples():
+            prof = np.asarray(r.hop_profile_mean, dtype=float)
+            ax.plot(np.arange(len(prof)), prof, lw=1.1, color=cmap(int(r.head) % cmap.N), label=f"head {int(r.head)}")
+        ax.set_yscale("log")
+        ax.set_title(f"layer {l}", fontsize=9)
+        ax.set_xlabel("hop distance (patches)", fontsize=8)
+        ax.set_ylabel("mean attention", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[L:]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=6, ncol=2 if H > 6 else 1)
+    fig.suptitle("Hop profiles: mean attention per Chebyshev hop distance (patch tokens only)")
+    return fig
+
+
+def fig_mean_distance(run: "Run") -> "Figure":
+    """Mean attention distance in pixels by layer (Dosovitskiy et al. 2021, Fig. 7)."""
+    heads = run.heads
+    L, H = run.num_layers, run.num_heads
+    mean, q25, q75 = _strength_columns(heads, "mean_distance")
+    layer = heads["layer"].to_numpy()
+    jitter = (heads["head"].to_numpy() - (H - 1) / 2) / max(H, 1) * 0.5
+    fig = _new_figure(7.5, 4.2)
+    ax = fig.subplots()
+    ax.vlines(layer + jitter, q25, q75, color="0.7", lw=1, label="interquartile range over images")
+    ax.scatter(layer + jitter, mean, s=18, c=[_layer_colors(L)[l] for l in layer], zorder=3, label="head (mean over images)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_xticks(range(L))
+    ax.set_ylim(bottom=0)
+    ax.set_title("How far each head looks")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def fig_pattern_embedding(run: "Run", kind: str) -> "Figure":
+    """2-D embedding of every (image, head) attention map with density contours, coloured by layer."""
+    cat = run.patterns[kind]
+    maps = cat.maps
+    L = run.num_layers
+    fig = _new_figure(7.2, 5.8)
+    ax = fig.subplots()
+    xmin, xmax, ymin, ymax = cat.extent
+    dens = np.asarray(cat.density, dtype=float)
+    if dens.size and np.nanmax(dens) > 0:
+        gx = np.linspace(xmin, xmax, dens.shape[1])
+        gy = np.linspace(ymin, ymax, dens.shape[0])
+        ax.contour(gx, gy, dens, levels=6, colors="0.45", linewidths=0.7)
+    sc = ax.scatter(maps["x"], maps["y"], c=maps["layer"], cmap="viridis", vmin=0, vmax=max(1, L - 1), s=3, alpha=0.6, linewidths=0, rasterized=True)
+    fig.colorbar(sc, ax=ax, label="layer")
+    for r in cat.clusters.itertuples():
+        ax.annotate(str(int(r.cluster)), (r.x, r.y), fontsize=9, weight="bold", ha="center", va="center",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="0.3", alpha=0.8))
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color="0.45", lw=0.8, label="density"),
+        Line2D([], [], marker="o", ls="", color="0.3", ms=4, label="(image, head) map"),
+        Line2D([], [], marker="s", ls="", mfc="white", mec="0.3", ms=7, label="cluster number"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    what = "patch-to-patch block" if kind == "patch" else "CLS row and column"
+    ax.set_xlabel(f"{run.manifest['settings'].get('projection', 'projection')} 1")
+    ax.set_ylabel(f"{run.manifest['settings'].get('projection', 'projection')} 2")
+    ax.set_title(f"Attention patterns ({what}): autoencoder codes in 2-D")
+    return fig
+
+
+def fig_prototypes(run: "Run", kind: str) -> "Figure":
+    """Decoded prototype of every pattern cluster, with its size and a descriptive name."""
+    cat = run.patterns[kind]
+    protos = np.asarray(cat.prototypes, dtype=float)
+    if protos.ndim == 3:
+        protos = protos[:, None]
+    K, C = protos.shape[:2]
+    per_row = (6 if C == 1 else 3) if K > 1 else 1
+    cols = min(per_row, K)
+    rows = max(1, math.ceil(K / cols))
+    fig = _new_figure(2.0 * cols * C + 1.0, 2.35 * rows + 0.5)
+    axes = np.asarray(fig.subplots(rows, cols * C, squeeze=False))
+    clusters = cat.clusters.set_index("cluster")
+    vmax = float(np.nanmax(protos)) if protos.size else 1.0
+    im = None
+    r_off = (protos.shape[-1] - 1) / 2
+    # (title, x label, y label, imshow extent) of each input channel
+    channel_info = {
+        "offset": [("offset profile", "key column offset", "key row offset", (-r_off - 0.5, r_off + 0.5, r_off + 0.5, -r_off - 0.5)),
+                   ("key map", "grid column", "grid row", None)],
+        "patch": [("patch block (pooled)", "key patch", "query patch", None)],
+        "cls": [("CLS → patch", "grid column", "grid row", None), ("patch → CLS", "grid column", "grid row", None)],
+    }.get(cat.input, [(f"channel {c}", "x", "y", None) for c in range(C)])
+    for k in range(rows * cols):
+        r, c0 = divmod(k, cols)
+        for c in range(C):
+            ax = axes[r, c0 * C + c]
+            if k >= K:
+                ax.set_visible(False)
+                continue
+            title, xlabel, ylabel, extent = channel_info[c] if c < len(channel_info) else (f"channel {c}", "x", "y", None)
+            im = ax.imshow(protos[k, c], cmap="viridis", vmin=0, vmax=vmax, extent=extent)
+            if extent is None:
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.tick_params(labelsize=6)
+            ax.set_xlabel(xlabel, fontsize=7)
+            ax.set_ylabel(ylabel, fontsize=7)
+            head = ""
+            if c == 0 and k in clusters.index:
+                row = clusters.loc[k]
+                head = f"#{k} {row['name']}"[:34] + f"\n{int(row['size'])} maps ({100 * float(row['share']):.1f}%)\n"
+            elif C > 1:
+                head = "\n\n"
+            ax.set_title(head + (title if C > 1 else ""), fontsize=7, loc="left")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="attention (decoded prototype)")
+    what = {"offset": "patch-to-patch attention by relative offset", "patch": "patch-to-patch block, pooled",
+            "cls": "CLS row and column on the patch grid"}.get(cat.input, cat.input)
+    fig.suptitle(f"Pattern clusters: decoded prototypes ({what})", fontsize=10)
+    return fig
+
+
+def fig_overview(run: "Run") -> "Figure":
+    """Every image laid out by its vector of per-head pruned probabilities, coloured by class."""
+    im = run.images
+    has_label = im["label"].notna()
+    cls = np.where(has_label, im["label"].astype("Float64").fillna(-1).to_numpy(), im["prediction"].to_numpy()).astype(int)
+    names = {}
+    for col_id, col_name in (("label", "label_name"), ("prediction", "prediction_name")):
+        if col_name in im:
+            for a, b in zip(im[col_id], im[col_name]):
+                if pd.notna(a) and isinstance(b, str):
+                    names.setdefault(int(a), b)
+    counts = pd.Series(cls).value_counts(sort=True)
+    top = list(counts.index[:10]) if len(counts) > 12 else list(counts.index)
+    fig = _new_figure(7.6, 5.6)
+    ax = fig.subplots()
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(top) <= 10 else "tab20"]
+    other = ~np.isin(cls, top)
+    if other.any():
+        ax.scatter(im["overview_x"][other], im["overview_y"][other], s=9, color="0.75", label=f"other classes ({len(counts) - len(top)})", linewidths=0)
+    for i, c in enumerate(top):
+        sel = cls == c
+        name = names.get(int(c), str(c))
+        ax.scatter(im["overview_x"][sel], im["overview_y"][sel], s=12, color=cmap(i % cmap.N), label=f"{name[:28]} ({sel.sum()})", linewidths=0)
+    ax.set_xlabel("overview 1")
+    ax.set_ylabel("overview 2")
+    source = "label" if has_label.all() else ("label, else prediction" if has_label.any() else "prediction")
+    ax.set_title("Image overview: images placed by their per-head pruned probabilities")
+    ax.legend(title=f"class ({source})", fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return fig
+
+
+# ------------------------------------------------------------------ report
+def _figure_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Figure"]]]:
+    heads = run.heads
+    plan: list[tuple[str, str, str, Callable[[], "Figure"]]] = []
+    for m in _metrics(heads):
+        plan.append((
+            f"importance_{m}",
+            f"Head importance: {METRIC_LABELS.get(m, m)}",
+            f"Left: {METRIC_LABELS.get(m, m)} of every head (mean over images), layer by head. Right: the same "
+            "on the paper's head axis (layer x heads + head) with 95% percentile-bootstrap intervals over images.",
+            lambda m=m: fig_importance(run, m),
+        ))
+    plan += [
+        ("agreement", "Metric agreement", "Spearman rank correlation between the head-level importance metrics.", lambda: fig_agreement(run)),
+        ("pruning_curves", "Cumulative pruning", "Accuracy as heads are pruned together, most important first by each metric "
+         "(dashed: a random order). The faster a curve falls, the better its metric ranks heads.", lambda: fig_curves(run)),
+        ("entropy_by_layer", "Attention strength: entropy", "Entropy of each head's hop-distance profile by layer. Low values are "
+         "local or self-attending heads; the dashed line is a head that ignores distance.", lambda: fig_entropy(run)),
+        ("hop_profiles", "Attention strength: hop profiles", "Mean attention between patches at each Chebyshev hop distance "
+         "(log scale), averaged over images.", lambda: fig_hop_profiles(run)),
+        ("mean_distance", "Mean attention distance", "Attention-weighted distance between patch centres, in pixels.", lambda: fig_mean_distance(run)),
+    ]
+    for kind in run.patterns:
+        what = "patch-to-patch block" if kind == "patch" else "CLS row and column"
+        plan.append((f"patterns_{kind}", f"Attention patterns ({what})", "Every (image, head) attention map as a point: "
+                     "autoencoder latent codes projected to 2-D, coloured by layer, grey density contours, cluster numbers at "
+                     "cluster centres.", lambda kind=kind: fig_pattern_embedding(run, kind)))
+        plan.append((f"prototypes_{kind}", f"Pattern prototypes ({what})", "The decoded prototype of each cluster with its "
+                     "size and a generated name.", lambda kind=kind: fig_prototypes(run, kind)))
+    plan.append(("image_overview", "Image overview", "Images placed by their vectors of per-head pruned probabilities; "
+                 "colour is the class.", lambda: fig_overview(run)))
+    return plan
+
+
+def write_report(run: Union["Run", str, Path], out: Union[str, Path, None] = None) -> Path:
+    """Write every figure (``<name>.png`` and ``<name>.svg``) and ``index.html`` into ``out``.
+
+    ``run`` is a :class:`~vitscope.store.Run` or a run folder; ``out`` defaults to ``RUN/report``.
+    Returns the path of ``index.html``.
+    """
+    from vitscope.store import Run, open_run
+
+    if not isinstance(run, Run):
+        run = open_run(run)
+    folder = Path(out) if out is not None else run.path / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for stem, title, caption, make in _figure_plan(run):
+        fig = make()
+        _save(fig, folder, stem)
+        entries.append(FigureEntry(stem, title, caption))
+    index = folder / "index.html"
+    index.write_text(_html(run, entries), encoding="utf-8")
+    return index
+
+
+def _html(run: "Run", entries: list[FigureEntry]) -> str:
+    m = run.manifest
+    model = m["model"]
+    counts = m.get("counts", {})
+    esc = html.escape
+    top = run.heads.sort_values("prob_drop", ascending=False).head(5) if "prob_drop" in run.heads else run.heads.head(0)
+    top_rows = "".join(
+        f"<tr><td>{int(r.layer)}</td><td>{int(r.head)}</td><td>{r.prob_drop:.4f}</td>"
+        f"<td>[{r.prob_drop_lo:.4f}, {r.prob_drop_hi:.4f}]</td></tr>"
+        for r in top.itertuples()
+    )
+    fails = m.get("failures", [])
+    fail_html = (
+        "<details><summary>{} image(s) skipped</summary><ul>{}</ul></details>".format(
+            len(fails), "".join(f"<li><code>{esc(str(f['path']))}</code>: {esc(str(f['reason']))}</li>" for f in fails)
+        )
+        if fails
+        else "<p>No image was skipped.</p>"
+    )
+    figs = "\n".join(
+        f'<figure id="{e.stem}"><h2>{esc(e.title)}</h2><img src="{e.stem}.png" alt="{esc(e.title)}">'
+        f'<figcaption>{esc(e.caption)} <a href="{e.stem}.svg">SVG</a></figcaption></figure>'
+        for e in entries
+    )
+    toc = " · ".join(f'<a href="#{e.stem}">{esc(e.title)}</a>' for e in entries)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>vitscope report: {esc(str(model.get('name')))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }}
+figure {{ margin: 2.5em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
+figcaption {{ color: #555; font-size: 0.92em; }} table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }} nav {{ font-size: 0.9em; }}
+</style></head><body>
+<h1>vitscope report</h1>
+<p>Model <b>{esc(str(model.get('spec')))}</b> ({model.get('num_layers')} layers x {model.get('num_heads')} heads,
+weights sha256 <code>{esc(str(model.get('weights_sha256'))[:16])}</code>);
+{counts.get('analysed')} images analysed from <code>{esc(str(m['images'].get('source')))}</code>.
+Run folder <code>{esc(str(run.path))}</code>, finished {esc(str(m.get('completed')))}.</p>
+{fail_html}
+<h3>Most important heads (probability drop)</h3>
+<table><tr><th>layer</th><th>head</th><th>mean drop</th><th>95% interval</th></tr>{top_rows}</table>
+<nav><p>{toc}</p></nav>
+{figs}
+</body></html>
+"""

@@ -1,0 +1,19 @@
+"""Errors raised when reading or writing a run folder."""
+
+from __future__ import annotations
+
+
+class RunError(ValueError):
+    """Base class: something is wrong with a run folder."""
+
+
+class NotARunError(RunError):
+    """The folder does not hold a vitscope run (no ``manifest.json`` of the right format)."""
+
+
+class UnfinishedRunError(RunError):
+    """The run was started but has not finished; rerun the same ``vitscope analyze`` command to resume it."""
+
+
+class RunMismatchError(RunError):
+    """An existing run folder was made by a different command (model, weights, images or settings)."""

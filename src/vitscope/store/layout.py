@@ -1,0 +1,23 @@
+"""Names inside a run folder (documented in docs/run-format.md)."""
+
+from __future__ import annotations
+
+#: ``manifest.json["format"]`` of every run folder.
+FORMAT = "vitscope-run"
+#: Bumped when the folder layout or a table's meaning changes incompatibly.
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"
+ARRAYS = "arrays.zarr"
+#: Per-chunk results of an unfinished (or finished, not yet cleaned) run: ``chunks/00000/`` ...
+CHUNKS = "chunks"
+#: Intermediate results of the final steps (autoencoder weights), kept so a resume skips them.
+WORK = "work"
+#: Default output folder of ``vitscope report``.
+REPORT = "report"
+
+#: The final tables, each ``<name>.parquet``.
+TABLES = ("images", "heads", "image_heads", "agreement", "curves", "patterns", "pattern_clusters")
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"

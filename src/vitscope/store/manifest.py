@@ -1,0 +1,91 @@
+"""Building a run manifest and its fingerprint.
+
+The fingerprint is a SHA-256 over everything that decides a run's numbers: the model spec, the
+weights' SHA-256, the image list (id, path, label, file size) and the analysis settings. A run
+folder is resumed only by a command with the same fingerprint; anything else would silently mix
+results of two different analyses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, Mapping
+
+#: Packages whose versions are recorded in every manifest (results can depend on them).
+RECORDED_PACKAGES = (
+    "vitscope",
+    "torch",
+    "timm",
+    "transformers",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "zarr",
+    "scipy",
+    "scikit-learn",
+    "umap-learn",
+    "pillow",
+)
+
+#: The parts of a run that the fingerprint covers, in the order mismatches are reported.
+FINGERPRINT_PARTS = ("model", "images", "settings")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fingerprint(parts: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+    """``(overall digest, {part: digest})`` of the ``FINGERPRINT_PARTS`` in ``parts``."""
+    missing = [p for p in FINGERPRINT_PARTS if p not in parts]
+    if missing:
+        raise ValueError(f"fingerprint needs parts {missing}")
+    digests = {p: _digest(parts[p]) for p in FINGERPRINT_PARTS}
+    return _digest(digests), digests
+
+
+def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """A readable account of how two fingerprinted run descriptions differ."""
+    lines = []
+    old_parts = old.get("fingerprint_parts", {})
+    new_parts = new.get("fingerprint_parts", {})
+    if old_parts.get("model") != new_parts.get("model"):
+        om, nm = old.get("model", {}), new.get("model", {})
+        lines.append(
+            f"model: was {om.get('spec')!r} (weights sha256 {str(om.get('weights_sha256'))[:12]}), "
+            f"now {nm.get('spec')!r} (weights sha256 {str(nm.get('weights_sha256'))[:12]})"
+        )
+    if old_parts.get("images") != new_parts.get("images"):
+        oi, ni = old.get("images", {}), new.get("images", {})
+        orecs, nrecs = oi.get("records", []), ni.get("records", [])
+        first = next((i for i, (a, b) in enumerate(zip(orecs, nrecs)) if a != b), min(len(orecs), len(nrecs)))
+        detail = ""
+        if first < max(len(orecs), len(nrecs)):
+            a = orecs[first] if first < len(orecs) else None
+            b = nrecs[first] if first < len(nrecs) else None
+            detail = f"; first difference at image {first}: was {a}, now {b}"
+        lines.append(f"images: was {len(orecs)} images from {oi.get('source')!r}, now {len(nrecs)} from {ni.get('source')!r}{detail}")
+    if old_parts.get("settings") != new_parts.get("settings"):
+        os_, ns = old.get("settings", {}), new.get("settings", {})
+        diffs = [f"{k}: {os_.get(k)!r} -> {ns.get(k)!r}" for k in sorted(set(os_) | set(ns)) if os_.get(k) != ns.get(k)]
+        lines.append("settings: " + ", ".join(diffs))
+    return "; ".join(lines) or "the run descriptions differ"
