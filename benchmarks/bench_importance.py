@@ -27,14 +27,17 @@ from vitscope.analysis.importance import head_sweep, partial_pruning, taylor_imp
 SHARED = Path(os.environ.get("VITSCOPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def timed(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of ``repeat`` calls (after one warm-up call)."""
+    """Median time of ``repeat`` calls (after one warm-up call) on ``CLOCK``."""
     fn()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return statistics.median(times)
 
 
@@ -46,7 +49,15 @@ def main() -> None:
     ap.add_argument("--naive-heads", type=int, default=6, help="heads timed for the naive loop, scaled to all heads")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions of each batch-level measurement")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)",
+    )
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -77,6 +88,8 @@ def main() -> None:
     t_subset = timed(over_batches(lambda x, y: [vit.logits(x, masks={lh: "all"}) for lh in subset]), 1)
     t_naive = t_fwd + t_subset * len(heads) / len(subset)
     t_sweep = timed(over_batches(lambda x, y: head_sweep(vit, x, y)), args.repeat)
+    other_chunk = len(batches[0][0]) * H if vit.device.type == "cpu" else len(batches[0][0])
+    t_sweep_other = timed(over_batches(lambda x, y: head_sweep(vit, x, y, chunk=other_chunk)), args.repeat)
     t_taylor = timed(over_batches(lambda x, y: taylor_importance(vit, x, y)), args.repeat)
     floor = H * (L + 1) / 2 + 1
 
@@ -85,13 +98,14 @@ def main() -> None:
 
     print(
         f"DeiT-Tiny ({L} layers x {H} heads), {len(rows)} images, batch {args.batch}, device {vit.device}, "
-        f"{torch.get_num_threads()} CPU threads\n"
+        f"{torch.get_num_threads()} CPU threads, {args.clock} clock\n"
     )
     print("| measure | time (s) | forward-equivalents |")
     print("| --- | ---: | ---: |")
     print(f"| plain forward | {t_fwd:.3f} | 1.0 |")
     print(f"| naive sweep ({L * H} masked forwards + 1; {len(subset)} timed, scaled) | {t_naive:.2f} | {t_naive / t_fwd:.1f} |")
-    print(f"| head_sweep | {t_sweep:.2f} | {t_sweep / t_fwd:.1f} |")
+    print(f"| head_sweep (default chunk) | {t_sweep:.2f} | {t_sweep / t_fwd:.1f} |")
+    print(f"| head_sweep (chunk={other_chunk}) | {t_sweep_other:.2f} | {t_sweep_other / t_fwd:.1f} |")
     print(f"| sweep floor H(L+1)/2+1 | | {floor:.1f} |")
     print(f"| taylor_importance | {t_taylor:.3f} | {t_taylor / t_fwd:.1f} |")
     for layer, t in t_pp.items():

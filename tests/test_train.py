@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_ARCH = "vit_tiny_patch16_224"
 TINY_ARGS = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
 FAST = dict(batch_size=32, lr=3e-3, warmup_epochs=0.5, eval_batch_size=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models run fastest on one thread, and leave the other core to the rest of the machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pattern_images(n: int, seed: int, size: int = 28, channels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,9 +308,11 @@ def test_cli_trains_on_image_folder(tmp_path):
     write_folder(tmp_path / "data" / "train", 40, seed=0)
     write_folder(tmp_path / "data" / "val", 10, seed=1)
     out = tmp_path / "run"
-    args = ["train", "--arch", TINY_ARCH, "--dataset", str(tmp_path / "data"), "--out", str(out), "--epochs", "6",
+    args = ["train", "--arch", TINY_ARCH, "--dataset", str(tmp_path / "data"), "--out", str(out), "--epochs", "4",
             "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--no-progress", *FOLDER_ARGS]  # fmt: skip
-    res = CliRunner().invoke(app, args)
+    # Without augmentation a 2-layer ViT separates the classes within these few steps; the augmentation
+    # itself is checked against a direct crop-and-flip above.
+    res = CliRunner().invoke(app, [*args, "--no-augment"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["check", "h", "plain", "v"]  # sorted class folders
@@ -336,43 +346,49 @@ def test_folder_holdout_split(tmp_path):
     assert folder_splits(tmp_path, cfg, 0.0).test is None
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="torchrun not installed")
+DDP_SCRIPT = """
+import sys
+from vitscope.train import Recipe, train
+recipe = Recipe(epochs=2, batch_size=16, lr=3e-3, holdout_fraction=0.25)
+args = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+train("vit_tiny_patch16_224", sys.argv[1], sys.argv[2], recipe, model_args=args, progress=False)
+"""
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed next to python")
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """DDP on CPU (gloo): 2 processes with the same global batch train the same model as 1 process."""
     write_folder(tmp_path / "data", 16, seed=0)
-    common = ["--arch", TINY_ARCH, "--dataset", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "16",
-              "--lr", "3e-3", "--holdout", "0.25", "--no-progress", *FOLDER_ARGS]  # fmt: skip
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    vitscope_bin = str(Path(sys.executable).parent / "vitscope")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", vitscope_bin, "train", *common,
-                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "data"), str(tmp_path / "ddp")],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp_metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert ddp_metrics["world_size"] == 2 and ddp_metrics["complete"]
     # Only rank 0 wrote: one checkpoint, no temporary files left behind.
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "metrics.json", f"{TINY_ARCH}.safetensors"]
 
-    from typer.testing import CliRunner
-
-    from vitscope.cli import app
-
-    res = CliRunner().invoke(app, ["train", *common, "--out", str(tmp_path / "single")])
-    assert res.exit_code == 0, res.output
+    exec_globals: dict = {}
+    single = tmp_path / "single"
+    exec(compile(DDP_SCRIPT.replace("sys.argv[1]", repr(str(tmp_path / "data"))).replace("sys.argv[2]", repr(str(single))), "ddp", "exec"),
+         exec_globals)  # fmt: skip
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "ddp" / f"{TINY_ARCH}.safetensors"))
-    b = load_file(str(tmp_path / "single" / f"{TINY_ARCH}.safetensors"))
+    b = load_file(str(single / f"{TINY_ARCH}.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-4, msg=f"{k} differs between 1 and 2 processes")
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{k} differs between 1 and 2 processes")
     # The tolerance is far below how much training moved the weights.
     torch.manual_seed(0)
     init = ModelSpec(TINY_ARCH, {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2, "num_classes": 4}).build()
     moved = max(float((b[k] - v).abs().max()) for k, v in init.state_dict().items())
-    assert moved > 0.02
-    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
-    for r1, r2 in zip(single["epochs"], ddp_metrics["epochs"]):
+    assert moved > 100 * 1e-5
+    one = json.loads((single / "metrics.json").read_text())
+    for r1, r2 in zip(one["epochs"], ddp_metrics["epochs"], strict=True):
         assert r1["test_count"] == r2["test_count"] == 16
-        assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-4)
-        assert r1["test_accuracy"] == pytest.approx(r2["test_accuracy"], abs=1 / 16 + 1e-9)
+        assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
+        assert r1["test_accuracy"] == r2["test_accuracy"]

@@ -253,7 +253,8 @@ def fig_pattern_embedding(run: "Run", kind: str) -> "Figure":
     if dens.size and np.nanmax(dens) > 0:
         gx = np.linspace(xmin, xmax, dens.shape[1])
         gy = np.linspace(ymin, ymax, dens.shape[0])
-        ax.contour(gx, gy, dens, levels=6, colors="0.45", linewidths=0.7)
+        # Levels as fractions of the peak: automatic levels put a contour at ~0, which traces the grid's edge.
+        ax.contour(gx, gy, dens, levels=np.nanmax(dens) * np.array([0.03, 0.1, 0.25, 0.45, 0.7, 0.9]), colors="0.45", linewidths=0.7)
     sc = ax.scatter(maps["x"], maps["y"], c=maps["layer"], cmap="viridis", vmin=0, vmax=max(1, L - 1), s=3, alpha=0.6, linewidths=0, rasterized=True)
     fig.colorbar(sc, ax=ax, label="layer")
     for r in cat.clusters.itertuples():
@@ -329,11 +330,11 @@ def fig_prototypes(run: "Run", kind: str) -> "Figure":
 
 
 def fig_overview(run: "Run") -> "Figure":
-    """Every image laid out by its vector of per-head pruned probabilities, coloured by class."""
+    """Every image laid out by its vector of per-head pruned probabilities: by class, and by probability."""
     im = run.images
     has_label = im["label"].notna()
     cls = np.where(has_label, im["label"].astype("Float64").fillna(-1).to_numpy(), im["prediction"].to_numpy()).astype(int)
-    names = {}
+    names: dict[int, str] = {}
     for col_id, col_name in (("label", "label_name"), ("prediction", "prediction_name")):
         if col_name in im:
             for a, b in zip(im[col_id], im[col_name]):
@@ -341,23 +342,29 @@ def fig_overview(run: "Run") -> "Figure":
                     names.setdefault(int(a), b)
     counts = pd.Series(cls).value_counts(sort=True)
     top = list(counts.index[:10]) if len(counts) > 12 else list(counts.index)
-    fig = _new_figure(7.6, 5.6)
-    ax = fig.subplots()
+    fig = _new_figure(12.5, 5.2)
+    ax, ax_p = fig.subplots(1, 2, width_ratios=[1.35, 1])
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if len(top) <= 10 else "tab20"]
+    x, y = im["overview_x"].to_numpy(), im["overview_y"].to_numpy()
     other = ~np.isin(cls, top)
     if other.any():
-        ax.scatter(im["overview_x"][other], im["overview_y"][other], s=9, color="0.75", label=f"other classes ({len(counts) - len(top)})", linewidths=0)
+        ax.scatter(x[other], y[other], s=9, color="0.75", label=f"other classes ({len(counts) - len(top)})", linewidths=0)
     for i, c in enumerate(top):
         sel = cls == c
         name = names.get(int(c), str(c))
-        ax.scatter(im["overview_x"][sel], im["overview_y"][sel], s=12, color=cmap(i % cmap.N), label=f"{name[:28]} ({sel.sum()})", linewidths=0)
+        ax.scatter(x[sel], y[sel], s=12, color=cmap(i % cmap.N), label=f"{name[:28]} ({int(sel.sum())})", linewidths=0)
+    source = "label" if has_label.all() else ("label, else prediction" if has_label.any() else "prediction")
     ax.set_xlabel("overview 1")
     ax.set_ylabel("overview 2")
-    source = "label" if has_label.all() else ("label, else prediction" if has_label.any() else "prediction")
-    ax.set_title("Image overview: images placed by their per-head pruned probabilities")
+    ax.set_title("Images by their per-head pruned probabilities: class")
     ax.legend(title=f"class ({source})", fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    sc = ax_p.scatter(x, y, c=im["base_prob"], cmap="viridis", vmin=0, vmax=1, s=12, linewidths=0)
+    fig.colorbar(sc, ax=ax_p, label=f"unpruned probability of the {source}")
+    ax_p.set_xlabel("overview 1")
+    ax_p.set_ylabel("overview 2")
+    ax_p.set_title("... and probability")
     return fig
 
 

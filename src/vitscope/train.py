@@ -657,8 +657,10 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
     if recipe.batch_size % ctx.world:
         raise TrainError(f"batch_size {recipe.batch_size} is the global batch and must divide evenly over {ctx.world} processes")
     per_rank = recipe.batch_size // ctx.world
-    sampler = DistributedSampler(_Indexed(splits.train), num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=recipe.seed)
-    loader = DataLoader(_Indexed(splits.train), batch_size=per_rank, sampler=sampler, num_workers=recipe.num_workers,
+    indexed = _Indexed(splits.train)
+    # A DistributedSampler also for one process: the same seeded order per epoch either way.
+    sampler = DistributedSampler(indexed, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=recipe.seed)
+    loader = DataLoader(indexed, batch_size=per_rank, sampler=sampler, num_workers=recipe.num_workers,
                         persistent_workers=recipe.num_workers > 0)  # fmt: skip
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * recipe.epochs

@@ -119,7 +119,10 @@ def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[i
         x: preprocessed ``(B, C, H, W)`` batch (or images, which are preprocessed first).
         targets: class index per image; ``None`` or ``-1`` means the unpruned prediction.
         chunk: most rows run through the model at once (the sweep replicates the batch ``H``
-            times per layer); ``None`` runs all ``B * H`` copies of a layer together.
+            times per layer, ``B * H`` rows). ``None``: ``B`` rows per call on the CPU, so every
+            call is as large and as cache-friendly as the plain forward of the batch (about 20%
+            faster than ``B * H`` rows for DeiT-Tiny on one core), and all ``B * H`` rows on an
+            accelerator, where larger launches pay. Lower it to bound memory.
 
     Returns a dict of numpy arrays (``B`` images, ``L`` layers, ``H`` heads, ``C`` classes):
 
@@ -149,7 +152,7 @@ def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[i
     base_lp = base_logp.gather(1, target[:, None]).squeeze(1)
 
     rows = B * H
-    step = rows if chunk is None else int(chunk)
+    step = (B if x.device.type == "cpu" else rows) if chunk is None else int(chunk)
     if step < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     dev = base_logits.device

@@ -510,11 +510,15 @@ class Welford:
         return w
 
 
+_PARTS = ("impact", "abs_impact", "prefix_impact", "key_importance")
+
+
 class InteractionAccumulator:
     """Streaming statistics of first-order impacts over an image set.
 
     Feed it the output of :func:`first_order_impact` batch by batch with :meth:`update`; it keeps
-    three :class:`Welford` accumulators (float64): ``impact`` ``(L, P, P)``, ``prefix_impact``
+    four :class:`Welford` accumulators (float64): ``impact`` ``(L, P, P)``, ``abs_impact``
+    ``(L, P, P)`` (the absolute impacts: how much an edge matters either way), ``prefix_impact``
     ``(L, num_prefix, P)`` and ``key_importance`` ``(P,)`` (see :func:`key_importance`, prefix
     queries included). Memory does not grow with the number of images. :meth:`summary` adds the
     significance test (see :func:`interaction_summary`).
@@ -522,6 +526,7 @@ class InteractionAccumulator:
 
     def __init__(self, num_layers: int, num_patches: int, num_prefix: int) -> None:
         self.impact = Welford((num_layers, num_patches, num_patches))
+        self.abs_impact = Welford((num_layers, num_patches, num_patches))
         self.prefix_impact = Welford((num_layers, num_prefix, num_patches))
         self.key_importance = Welford((num_patches,))
 
@@ -542,20 +547,23 @@ class InteractionAccumulator:
                 f"{self.impact.shape[0]}; call first_order_impact without `layers`"
             )
         self.impact.update(result["impact"])
+        self.abs_impact.update(np.abs(result["impact"]))
         self.prefix_impact.update(result["prefix_impact"])
         self.key_importance.update(key_importance(result["impact"], result["prefix_impact"]))
         return self
 
     def merge(self, other: "InteractionAccumulator") -> "InteractionAccumulator":
         self.impact.merge(other.impact)
+        self.abs_impact.merge(other.abs_impact)
         self.prefix_impact.merge(other.prefix_impact)
         self.key_importance.merge(other.key_importance)
         return self
 
     def state(self) -> dict[str, np.ndarray]:
-        """Flat dict of numpy arrays (names prefixed ``impact.``, ``prefix_impact.``, ``key_importance.``)."""
+        """Flat dict of numpy arrays (names prefixed ``impact.``, ``abs_impact.``, ``prefix_impact.``,
+        ``key_importance.``)."""
         out = {}
-        for name in ("impact", "prefix_impact", "key_importance"):
+        for name in _PARTS:
             for k, v in getattr(self, name).state().items():
                 out[f"{name}.{k}"] = v
         return out
@@ -564,17 +572,20 @@ class InteractionAccumulator:
     def from_state(cls, state: Mapping[str, Any]) -> "InteractionAccumulator":
         parts = {
             name: Welford.from_state({k: state[f"{name}.{k}"] for k in ("count", "mean", "m2")})
-            for name in ("impact", "prefix_impact", "key_importance")
+            for name in _PARTS
         }
         L, P, _ = parts["impact"].shape
         acc = cls(L, P, parts["prefix_impact"].shape[1])
-        acc.impact, acc.prefix_impact, acc.key_importance = parts["impact"], parts["prefix_impact"], parts["key_importance"]
+        for name in _PARTS:
+            setattr(acc, name, parts[name])
         return acc
 
     def summary(self, q: float = 0.05, alternative: str = "greater") -> dict[str, np.ndarray]:
-        """:func:`interaction_summary` of the patch edges, plus ``prefix_mean``, ``prefix_std``,
-        ``prefix_sem`` ``(L, num_prefix, P)`` and ``key_importance_mean``/``_sem`` ``(P,)``."""
+        """:func:`interaction_summary` of the patch edges, plus ``abs_mean`` ``(L, P, P)`` (mean
+        absolute impact), ``prefix_mean``, ``prefix_std``, ``prefix_sem`` ``(L, num_prefix, P)`` and
+        ``key_importance_mean``/``_sem`` ``(P,)``."""
         out = interaction_summary(self.impact, q=q, alternative=alternative)
+        out["abs_mean"] = self.abs_impact.mean.copy()
         out["prefix_mean"] = self.prefix_impact.mean.copy()
         out["prefix_std"] = self.prefix_impact.std
         out["prefix_sem"] = self.prefix_impact.sem
@@ -662,7 +673,8 @@ def interaction_layer_table(summary: Mapping[str, np.ndarray], layout: "TokenLay
     """One row per layer describing its patch edges.
 
     Columns: ``layer``, ``n_images``, ``n_edges``, ``n_significant`` (significantly positive),
-    ``frac_significant``, ``mean_impact`` and ``mean_abs_impact`` (over all edges),
+    ``frac_significant``, ``mean_impact`` (over all edges), ``mean_abs_impact`` (mean over edges of
+    the mean absolute impact; needs ``abs_mean`` in ``summary``, NaN otherwise),
     ``self_impact`` (mean over the ``i -> i`` edges), ``max_impact``, ``significant_distance``
     (mean Euclidean distance in patches of the significant edges; NaN if none) and
     ``impact_distance`` (positive-impact-weighted mean distance of all edges).
@@ -683,7 +695,7 @@ def interaction_layer_table(summary: Mapping[str, np.ndarray], layout: "TokenLay
                 "n_significant": int(s.sum()),
                 "frac_significant": float(s.mean()),
                 "mean_impact": float(m.mean()),
-                "mean_abs_impact": float(np.abs(m).mean()),
+                "mean_abs_impact": float(np.asarray(summary["abs_mean"])[l].mean()) if "abs_mean" in summary else np.nan,
                 "self_impact": float(np.diagonal(m).mean()),
                 "max_impact": float(m.max()),
                 "significant_distance": float(dist[s].mean()) if s.any() else np.nan,

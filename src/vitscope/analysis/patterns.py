@@ -17,8 +17,9 @@ Inputs (:func:`pattern_inputs`), one map per (image, head), values in ``[0, 1]``
   position-based heads (self, fixed-offset neighbour, local window, row, column, uniform) are
   defined by displacement, which channel 0 shows at one-patch resolution for any grid size, while
   content heads (every query attends to the same object patches) show up in channel 1 as a blob.
-  The blob's position depends on the image, not on the head, so it is centred: otherwise the
-  autoencoder spends its codes on where objects are and splits one family by object position.
+  The blob's position depends on the image, not on the head, so it is centred, which keeps the
+  autoencoder from spending its codes on where objects are. (Channel 0 of a content head still
+  shifts with the object's position, so content heads may spread over more than one cluster.)
 - ``"patch"`` ``(B, H, 1, size, size)`` — the raw patch -> patch block ``(P, P)`` adaptively
   average-pooled to ``size x size`` and divided by its maximum: a thumbnail of the matrix as the
   paper's matrix view shows it. Pooling a 196 x 196 block to 16 x 16 merges ~12 neighbouring
@@ -32,22 +33,26 @@ Inputs (:func:`pattern_inputs`), one map per (image, head), values in ``[0, 1]``
   (antialiased) so that models with different grids share one input size.
 
 Autoencoder (:func:`train_autoencoder`): two stride-2 convolutions and a linear layer to a small
-latent code, a two-layer perceptron decoder with a sigmoid output, MSE loss, Adam. It trains on a seeded
-subsample (``max_train``) and then encodes every map, so 100k+ maps take well under a minute on
-two CPU cores. Training is seeded and runs with a private RNG state, so the same seed gives the same
-codes on the same machine.
+latent code, a two-layer perceptron decoder with a sigmoid output, MSE loss, Adam. It trains on a
+seeded subsample (``max_train``) and then encodes every map, so 100k+ maps take well under a
+minute on two CPU cores. Training is seeded and runs with a private RNG state, so the same seed
+gives the same codes on the same machine.
 
 Catalogue (:func:`catalogue_patterns`): KMeans on the latent codes (seeded), a 2-D projection of the
 codes (UMAP by default, t-SNE or PCA on request), decoded prototypes (the decoder applied to the
-cluster centroids) with heuristic names (:func:`describe_prototype`), and a smoothed 2-D density
-grid for contour lines.
+cluster centroids) with heuristic names (:func:`describe_prototype`), a name per cluster voted by
+its own maps, and a smoothed 2-D density grid for contour lines. :func:`dominant_cluster` gives
+each head's usual family over the images; :func:`image_overview` lays images out by their
+per-head pruned probabilities.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -103,6 +108,11 @@ def offset_profile(app: torch.Tensor, layout: TokenLayout, radius: int = 7) -> t
     Entry ``[r + radius, c + radius]`` is the mean of ``A[i, j]`` over patch pairs where key ``j`` sits
     ``r`` rows and ``c`` columns from query ``i`` (negative = up / left); 0 where no such pair exists.
     """
+    if app.ndim != 4 or app.shape[-1] != app.shape[-2] or app.shape[-1] != layout.num_patches:
+        raise ValueError(
+            f"offset_profile needs the patch -> patch block (B, H, {layout.num_patches}, {layout.num_patches}) "
+            f"for {layout.describe()}, got {tuple(app.shape)}; slice attn[:, :, layout.patch_slice, layout.patch_slice]"
+        )
     b, h, p, _ = app.shape
     k = 2 * radius + 1
     idx, counts = _offset_bins(layout, radius)
@@ -308,6 +318,7 @@ def train_autoencoder(
     batch_size: int = 256,
     *,
     max_train: int = 10_000,
+    min_steps: int = 1000,
     width: int = 16,
     hidden: int = 256,
     lr: float = 3e-3,
@@ -316,7 +327,9 @@ def train_autoencoder(
     """Train a :class:`ConvAutoencoder` on maps ``(N, C, S, S)`` and encode all of them.
 
     At most ``max_train`` maps (a seeded random subsample) are used for training, so the cost does
-    not grow with the image set; every map is encoded afterwards. Adam with a cosine learning-rate
+    not grow with the image set; every map is encoded afterwards. Small sets would see too few
+    optimiser steps in ``epochs`` passes, so training runs at least ``min_steps`` steps (more epochs
+    when needed; the epochs actually run are in ``config["epochs_run"]``). Adam with a cosine learning-rate
     decay, MSE loss. The global torch RNG is left untouched: initialisation and shuffling use their
     own seeded generators, so the same ``seed`` gives identical codes on the same machine.
 
@@ -335,13 +348,22 @@ def train_autoencoder(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _train(x, latent_dim, epochs, seed, batch_size, max_train, width, hidden, lr)
+        return _train(x, latent_dim, epochs, seed, batch_size, max_train, min_steps, width, hidden, lr)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _train(
-    x: torch.Tensor, latent_dim: int, epochs: int, seed: int, batch_size: int, max_train: int, width: int, hidden: int, lr: float
+    x: torch.Tensor,
+    latent_dim: int,
+    epochs: int,
+    seed: int,
+    batch_size: int,
+    max_train: int,
+    min_steps: int,
+    width: int,
+    hidden: int,
+    lr: float,
 ) -> AutoencoderResult:
     n, c, s, _ = x.shape
     gen = torch.Generator().manual_seed(seed)
@@ -351,11 +373,13 @@ def _train(
         torch.manual_seed(seed)
         model = ConvAutoencoder(c, s, latent_dim, width, hidden)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(xt) / batch_size)
+    per_epoch = math.ceil(len(xt) / batch_size)
+    epochs_run = max(epochs, math.ceil(min_steps / per_epoch))
+    steps = epochs_run * per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     history: list[float] = []
     model.train()
-    for _ in range(epochs):
+    for _ in range(epochs_run):
         perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
         for i in range(0, len(xt), batch_size):
@@ -369,7 +393,7 @@ def _train(
         history.append(total / len(xt))
     model.eval()
     config = dict(in_channels=c, size=s, latent_dim=latent_dim, width=width, hidden=hidden, epochs=epochs, seed=seed,
-                  batch_size=batch_size, max_train=max_train, lr=lr, n_maps=n, n_train=len(xt))
+                  batch_size=batch_size, max_train=max_train, min_steps=min_steps, lr=lr, n_maps=n, n_train=len(xt), epochs_run=epochs_run)
     res = AutoencoderResult(model=model, codes=np.zeros((0, latent_dim), np.float32), reconstruction_error=np.zeros(0, np.float32),
                             loss_history=history, train_indices=train_idx.numpy(), config=config)
     res.codes = res.encode(x)
@@ -390,6 +414,10 @@ class PatternCatalogue:
         centroid_embedding: mean 2-D position of each cluster's members, ``(k, 2)`` (for labels on a plot).
         prototypes: decoded centroids ``(k, C, S, S)`` when an autoencoder was given, else ``None``.
         names: heuristic name of each prototype (:func:`describe_prototype`) when ``kind`` was given.
+        member_names: most common name among (a sample of) each cluster's own maps, when ``maps``
+            and ``kind`` were given. More trustworthy than ``names`` for families whose maps vary in
+            position (content, CLS rows): a decoded centroid is an average and looks blurred.
+        member_name_share: fraction of the sampled members that carry ``member_names``.
         density: smoothed density of the embedding on a grid, ``(gy, gx)``, integrating to 1.
         grid_x, grid_y: centres of the density grid's columns and rows.
         projection: the method used for ``embedding``.
@@ -407,10 +435,29 @@ class PatternCatalogue:
     seed: int
     prototypes: Optional[np.ndarray] = None
     names: Optional[list[str]] = None
+    member_names: Optional[list[str]] = None
+    member_name_share: Optional[np.ndarray] = None
+
+
+def _thread_limit(num_threads: Optional[int]) -> contextlib.AbstractContextManager:
+    """Limit the OpenMP/BLAS threads of scikit-learn and numpy inside the block (``None``: no limit).
+
+    On a busy machine OpenMP threads spin while waiting for each other: a 60-point t-SNE took 35 s
+    with the default threads and 0.35 s with one on a loaded two-core machine.
+    """
+    if num_threads is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=num_threads)
 
 
 def project_2d(
-    points: np.ndarray, projection: Projection = "umap", seed: int = 0, max_fit_points: int = 5000
+    points: np.ndarray,
+    projection: Projection = "umap",
+    seed: int = 0,
+    max_fit_points: int = 5000,
+    num_threads: Optional[int] = 1,
 ) -> np.ndarray:
     """Seeded 2-D projection of ``(N, D)`` points.
 
@@ -418,8 +465,14 @@ def project_2d(
     ``"tsne"`` (scikit-learn) are fitted on at most ``max_fit_points`` points (a seeded subsample);
     the others are placed at the distance-weighted mean position of their 5 nearest fitted
     neighbours in the input space, which keeps large sets fast and deterministic. UMAP needs at
-    least 10 points; with fewer, PCA is used (with a warning).
+    least 10 points; with fewer, PCA is used (with a warning). ``num_threads`` limits the
+    OpenMP/BLAS threads (``None``: the libraries' defaults).
     """
+    with _thread_limit(num_threads):
+        return _project_2d(points, projection, seed, max_fit_points)
+
+
+def _project_2d(points: np.ndarray, projection: str, seed: int, max_fit_points: int) -> np.ndarray:
     x = np.asarray(points, dtype=np.float32)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"points must be a non-empty (N, D) array, got shape {x.shape}")
@@ -429,7 +482,7 @@ def project_2d(
         raise ValueError(f"unknown projection {projection!r}; use 'umap', 'tsne' or 'pca'")
     n = len(x)
     if projection == "umap" and n < 10:
-        warnings.warn(f"UMAP needs at least 10 points, got {n}; using PCA", stacklevel=2)
+        warnings.warn(f"UMAP needs at least 10 points, got {n}; using PCA", stacklevel=3)
         projection = "pca"
     if projection == "pca":
         return _pca_2d(x)
@@ -503,13 +556,18 @@ def catalogue_patterns(
     kind: Optional[MapKind] = None,
     density_size: int = 64,
     max_fit_points: int = 5000,
+    maps: Optional[np.ndarray] = None,
+    name_sample: int = 200,
+    num_threads: Optional[int] = 1,
 ) -> PatternCatalogue:
     """Cluster latent codes ``(N, latent_dim)`` into pattern families and lay them out in 2-D.
 
     KMeans (``random_state=seed``, 10 restarts) runs in the latent space, not on the 2-D projection,
     so the clusters do not depend on the projection. With ``autoencoder`` the centroids are decoded
     into prototype maps, and with ``kind`` (the map kind the autoencoder was trained on) each
-    prototype gets a heuristic name. See :func:`project_2d` for the projection.
+    prototype gets a heuristic name; with ``maps`` (the maps the codes came from, in the same order)
+    and ``kind``, each cluster is also named by a vote over up to ``name_sample`` of its members.
+    See :func:`project_2d` for the projection and ``num_threads``.
     """
     from sklearn.cluster import KMeans
 
@@ -518,9 +576,10 @@ def catalogue_patterns(
         raise ValueError(f"codes must be (N, latent_dim), got shape {z.shape}")
     if not 1 <= n_clusters <= len(z):
         raise ValueError(f"n_clusters must be between 1 and the number of codes ({len(z)}), got {n_clusters}")
-    km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(z)
+    with _thread_limit(num_threads):
+        km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(z)
     labels = km.labels_.astype(np.int32)
-    emb = project_2d(z, projection, seed=seed, max_fit_points=max_fit_points)
+    emb = project_2d(z, projection, seed=seed, max_fit_points=max_fit_points, num_threads=num_threads)
     sizes = np.bincount(labels, minlength=n_clusters)
     cemb = np.stack([emb[labels == k].mean(axis=0) if sizes[k] else np.full(2, np.nan) for k in range(n_clusters)])
     density, gx, gy = density_grid(emb, size=density_size)
@@ -529,10 +588,25 @@ def catalogue_patterns(
         prototypes = autoencoder.decode(km.cluster_centers_.astype(np.float32))
         if kind is not None:
             names = [describe_prototype(p, kind=kind) for p in prototypes]
+    member_names = member_share = None
+    if maps is not None and kind is not None:
+        if len(maps) != len(z):
+            raise ValueError(f"got {len(maps)} maps for {len(z)} codes; pass the maps the codes were computed from")
+        member_names, shares = [], []
+        rng = np.random.default_rng(seed)
+        for k in range(n_clusters):
+            members = np.flatnonzero(labels == k)
+            sample = np.sort(rng.choice(members, size=min(len(members), name_sample), replace=False))
+            votes = Counter(describe_prototype(np.asarray(maps[i], dtype=np.float32), kind=kind) for i in sample)
+            name, count = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))
+            member_names.append(name)
+            shares.append(count / len(sample))
+        member_share = np.asarray(shares)
     return PatternCatalogue(
         embedding=emb, labels=labels, centroids=km.cluster_centers_.astype(np.float32), sizes=sizes,
         centroid_embedding=cemb.astype(np.float32), density=density, grid_x=gx, grid_y=gy,
         projection=projection, seed=seed, prototypes=prototypes, names=names,
+        member_names=member_names, member_name_share=member_share,
     )
 
 
@@ -576,25 +650,29 @@ def describe_prototype(
     :data:`PATTERN_NAMES` (a fixed-offset neighbour further than one patch gets a suffix, e.g.
     ``"neighbour left x2"``; a map with no mass is ``"empty"``).
 
-    Rules for ``"offset"`` maps (``(2, K, K)``, ``(1, K, K)`` or ``(K, K)``; channel 0 is divided by its
-    max, ``c`` is the centre, shares are of channel 0's total mass):
+    Rules for ``"offset"`` maps (``(2, K, K)``, ``(1, K, K)`` or ``(K, K)``). Channel 0 is divided by
+    its max; the *mass* of a displacement is its mean attention times the number of (query, key)
+    pairs with that displacement on the grid, so shares below are shares of the head's attention:
 
-    1. sharp peak — the peak cell holds >= 50 % of its 3 x 3 neighbourhood and that neighbourhood
-       >= 40 % of all mass: at the centre -> ``"self/diagonal"``; at a straight displacement ->
-       ``"neighbour left/right/up/down"`` (left = the key is in the column to the query's left);
-       diagonal displacements are named by their larger component.
+    1. sharp peak — the peak cell holds >= 50 % of its 3 x 3 neighbourhood and >= 20 % of the
+       mass: at the centre -> ``"self/diagonal"``; elsewhere -> ``"neighbour left/right/up/down"``
+       (left = the key is in the column to the query's left; a diagonal displacement is named by
+       its larger component).
     2. the centre row holds >= 50 % of the mass and >= 5 of its cells are >= 0.5 -> ``"row"``;
        the same for the centre column -> ``"column"``.
     3. the 5 x 5 window around the centre holds >= 50 % of the mass and the peak is within one
        patch of the centre -> ``"local window"``.
     4. flat — over the displacements that exist on the grid, the 10th percentile is >= 30 % of
-       the 90th and the top 10 % of cells hold < 30 % of the mass -> ``"uniform/global"``; but if
+       the 90th and the top 10 % of cells hold < 30 % of the summed values -> ``"uniform/global"``
+       (a faint self peak on a flat background is uniform: it carries little mass); but if
        channel 1 (the key map) is given and not flat by the same test, every query looks at the
-       same few keys -> ``"content"``. The existing displacements come from ``grid`` when given;
-       otherwise outer rows/columns that are ~0 (<= 2 % of the max) on both sides of the centre
-       are taken as displacements the grid does not have.
+       same few keys -> ``"content"``.
     5. otherwise ``"content"`` (attention that depends on what is where, not on displacement;
-       channel 1, the key map, shows where).
+       channel 1, the key map, shows how concentrated).
+
+    The grid (which displacements exist, and how many pairs each has) is ``grid`` when given;
+    otherwise it is read off the map's empty border (see ``_infer_grid``), so prototypes decoded
+    from maps of one model are named correctly without it.
 
     ``"cls"`` maps (``(2, S, S)``: CLS row, CLS column in probability units): mean CLS column >= 0.5
     -> ``"CLS-sink"``; flat CLS row (rule 4) -> ``"uniform/global"``; otherwise ``"content"``.
@@ -626,9 +704,8 @@ def describe_prototype(
             return "empty"
         if grid is not None and block.shape[0] == grid[0] * grid[1]:
             lay = TokenLayout(0, None, None, (), tuple(grid), (1, 1))
-            radius = max(grid) - 1
-            off = offset_profile(torch.from_numpy(block)[None, None].float(), lay, radius)[0, 0].numpy()
-            return _describe_offset(off, _valid_offsets(radius, grid))
+            off = offset_profile(torch.from_numpy(block)[None, None].float(), lay, max(grid) - 1)[0, 0].numpy()
+            return _describe_offset(off, tuple(grid))
         block = block / block.max()
         s = block.shape[0]
         diag = np.abs(np.arange(s)[:, None] - np.arange(s)[None, :]) <= 1
@@ -637,9 +714,8 @@ def describe_prototype(
         return "uniform/global" if _is_flat(block) else "content"
     if kind != "offset":
         raise ValueError(f"unknown map kind {kind!r}; use 'offset', 'patch' or 'cls'")
-    radius = (m.shape[-1] - 1) // 2
-    valid = _valid_offsets(radius, grid) if grid is not None else _infer_valid(np.clip(m[0], 0, None))
-    return _describe_offset(m[0], valid, keys=m[1] if m.shape[0] > 1 else None)
+    grid = tuple(grid) if grid is not None else _infer_grid(np.clip(m[0], 0, None))
+    return _describe_offset(m[0], grid, keys=m[1] if m.shape[0] > 1 else None)
 
 
 def _valid_offsets(radius: int, grid: Sequence[int]) -> np.ndarray:
@@ -647,25 +723,24 @@ def _valid_offsets(radius: int, grid: Sequence[int]) -> np.ndarray:
     return (np.abs(d)[:, None] < grid[0]) & (np.abs(d)[None, :] < grid[1])
 
 
-def _infer_valid(m: np.ndarray, eps: float = 0.02) -> np.ndarray:
-    """Displacements that exist on the (unknown) grid: strip symmetric outer rows / columns that are ~0.
+def _infer_grid(m: np.ndarray, eps: float = 0.02) -> tuple[int, int]:
+    """Grid of an offset map from its empty border: symmetric outer rows / columns that are ~0.
 
-    A displacement ``d`` exists exactly when ``-d`` does, so the valid region of an offset map is a
-    centred rectangle; maps from grids smaller than ``radius + 1`` have an empty (0) border.
+    A displacement ``d`` exists exactly when ``-d`` does, so the displacements a grid has form a
+    centred rectangle, and a grid with ``g <= radius`` rows leaves the outer rows of the map at 0.
+    A map with no empty border is taken to come from a ``2 * radius``-patch side (14 for the default
+    radius 7, the grid of a 224 px / 16 px model).
     """
     k = m.shape[0]
     c = k // 2
-    empty_row = (m <= eps * m.max()).all(axis=1)
-    empty_col = (m <= eps * m.max()).all(axis=0)
-    r = c
-    while r > 0 and empty_row[c - r] and empty_row[c + r]:
-        r -= 1
-    q = c
-    while q > 0 and empty_col[c - q] and empty_col[c + q]:
-        q -= 1
-    valid = np.zeros_like(m, dtype=bool)
-    valid[c - r : c + r + 1, c - q : c + q + 1] = True
-    return valid
+    low = m <= eps * m.max()
+    sides = []
+    for empty in (low.all(axis=1), low.all(axis=0)):
+        r = c
+        while r > 0 and empty[c - r] and empty[c + r]:
+            r -= 1
+        sides.append(r + 1 if r < c else 2 * c)
+    return sides[0], sides[1]
 
 
 def _is_flat(m: np.ndarray, valid: Optional[np.ndarray] = None) -> bool:
@@ -677,20 +752,23 @@ def _is_flat(m: np.ndarray, valid: Optional[np.ndarray] = None) -> bool:
     return bool(hi > 0 and np.quantile(v, 0.1) >= 0.3 * hi and top < 0.3 * v.sum())
 
 
-def _describe_offset(m: np.ndarray, valid: Optional[np.ndarray], keys: Optional[np.ndarray] = None) -> str:
-    m = np.clip(m, 0, None)
-    if valid is not None:
-        m = np.where(valid, m, 0.0)
+def _describe_offset(m: np.ndarray, grid: tuple[int, int], keys: Optional[np.ndarray] = None) -> str:
+    k = m.shape[0]
+    c = k // 2
+    valid = _valid_offsets(c, grid)
+    m = np.where(valid, np.clip(m, 0, None), 0.0)
     if m.max() <= 0:
         return "empty"
     m = m / m.max()
-    k = m.shape[0]
-    c = k // 2
-    total = m.sum()
+    # Attention mass per displacement: the mean times the number of (query, key) pairs with it.
+    d = np.abs(np.arange(-c, c + 1))
+    pairs = np.clip(grid[0] - d, 0, None)[:, None] * np.clip(grid[1] - d, 0, None)[None, :]
+    mass = m * pairs
+    total = mass.sum()
     pr, pc = np.unravel_index(int(np.argmax(m)), m.shape)
     near = m[max(pr - 1, 0) : pr + 2, max(pc - 1, 0) : pc + 2].sum()
-    # 1. one sharp displacement
-    if m[pr, pc] >= 0.5 * near and near >= 0.4 * total:
+    # 1. one sharp displacement that carries a real share of the attention
+    if m[pr, pc] >= 0.5 * near and mass[pr, pc] >= 0.2 * total:
         dr, dc = int(pr - c), int(pc - c)
         if dr == 0 and dc == 0:
             return "self/diagonal"
@@ -700,12 +778,12 @@ def _describe_offset(m: np.ndarray, valid: Optional[np.ndarray], keys: Optional[
             name, steps = ("neighbour up" if dr < 0 else "neighbour down"), abs(dr)
         return name if steps == 1 else f"{name} x{steps}"
     # 2. a line through the query
-    if m[c, :].sum() >= 0.5 * total and (m[c, :] >= 0.5).sum() >= 5:
+    if mass[c, :].sum() >= 0.5 * total and (m[c, :] >= 0.5).sum() >= 5:
         return "row"
-    if m[:, c].sum() >= 0.5 * total and (m[:, c] >= 0.5).sum() >= 5:
+    if mass[:, c].sum() >= 0.5 * total and (m[:, c] >= 0.5).sum() >= 5:
         return "column"
     # 3. a compact neighbourhood
-    if m[max(c - 2, 0) : c + 3, max(c - 2, 0) : c + 3].sum() >= 0.5 * total and max(abs(pr - c), abs(pc - c)) <= 1:
+    if mass[max(c - 2, 0) : c + 3, max(c - 2, 0) : c + 3].sum() >= 0.5 * total and max(abs(pr - c), abs(pc - c)) <= 1:
         return "local window"
     # 4. distance-agnostic: uniform, unless every query looks at the same few keys (content)
     if _is_flat(m, valid):
@@ -716,7 +794,7 @@ def _describe_offset(m: np.ndarray, valid: Optional[np.ndarray], keys: Optional[
 
 
 # ==================================================================================== image overview
-def image_overview(pruned_prob: np.ndarray, seed: int = 0) -> np.ndarray:
+def image_overview(pruned_prob: np.ndarray, seed: int = 0, num_threads: Optional[int] = 1) -> np.ndarray:
     """2-D layout of images by their per-head pruned-probability vectors ``(N_images, L*H) -> (N, 2)``.
 
     UMAP (``random_state=seed``) on the raw probabilities; PCA for fewer than 10 images. This is the
@@ -725,4 +803,4 @@ def image_overview(pruned_prob: np.ndarray, seed: int = 0) -> np.ndarray:
     x = np.asarray(pruned_prob, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"pruned_prob must be (N_images, L*H), got shape {x.shape}")
-    return project_2d(x, "pca" if len(x) < 10 else "umap", seed=seed, max_fit_points=max(len(x), 1))
+    return project_2d(x, "pca" if len(x) < 10 else "umap", seed=seed, max_fit_points=max(len(x), 1), num_threads=num_threads)

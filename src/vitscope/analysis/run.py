@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -187,6 +188,7 @@ def analyze_batch(
     image_ids: Sequence[int],
     *,
     pattern_size: int = 16,
+    timings: Optional[dict[str, float]] = None,
 ) -> BatchResult:
     """Every per-image analysis of one batch.
 
@@ -216,10 +218,13 @@ def analyze_batch(
             pat.setdefault(kind, [None] * L)[layer] = _to_numpy(maps)
         attn_sum[layer] = attn.detach().to(torch.float64).sum(dim=0).cpu()
 
-    with torch.no_grad():
+    clock = _Clock(timings)
+    with clock("stream"), torch.no_grad():
         vit.stream(x, on_attention=on_attention)
-    sweep = imp.head_sweep(vit, x, labels)
-    taylor = imp.taylor_importance(vit, x, torch.as_tensor(sweep["target"]))
+    with clock("head_sweep"):
+        sweep = imp.head_sweep(vit, x, labels)
+    with clock("taylor"):
+        taylor = imp.taylor_importance(vit, x, torch.as_tensor(sweep["target"]))
 
     ids = np.asarray(list(image_ids), dtype=np.int64)
     logits = torch.as_tensor(sweep["base_logits"]).double()
@@ -261,6 +266,22 @@ def analyze_batch(
     arrays = {f"pattern_inputs/{k}": np.stack(v, axis=1) for k, v in pat.items()}  # type: ignore[arg-type]
     arrays["attention_sum"] = attn_sum.numpy()
     return BatchResult(images=images, image_heads=ih, arrays=arrays)
+
+
+class _Clock:
+    """Adds the wall time of ``with clock(name):`` blocks to ``timings[name]`` (no-op without a dict)."""
+
+    def __init__(self, timings: Optional[dict[str, float]]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.timings is not None:
+                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _to_numpy(a: Any) -> np.ndarray:
@@ -461,6 +482,9 @@ class _Driver:
         self.manifest = manifest
         self.num_workers = num_workers
         self.n_chunks = int(manifest["chunks"]["count"])
+        #: Seconds spent in each part of this invocation (recorded in the manifest as ``timings``).
+        self.timings: dict[str, float] = {}
+        self.clock = _Clock(self.timings)
 
     # ------------------------------------------------------------------ chunks
     def chunk_records(self, index: int) -> list["ImageRecord"]:
@@ -499,9 +523,14 @@ class _Driver:
                 failures.append({"image_id": rec.image_id, "path": str(rec.path), "reason": reason, "stage": "decode"})
                 prog.log(f"skipped {rec.path}: {reason}")
 
-            batches = self._decode(records, on_failure)
-            results = [analyze_batch(self.vit, b.x, b.labels, b.image_ids, pattern_size=self.settings.pattern_size) for b in batches]
-            self._write_chunk(i, records, batches, results, failures)
+            with self.clock("decode"):
+                batches = self._decode(records, on_failure)
+            results = [
+                analyze_batch(self.vit, b.x, b.labels, b.image_ids, pattern_size=self.settings.pattern_size, timings=self.timings)
+                for b in batches
+            ]
+            with self.clock("write_chunks"):
+                self._write_chunk(i, records, batches, results, failures)
             prog.advance(task, len(records))
 
     def _write_chunk(self, index: int, records: Sequence["ImageRecord"], batches: Sequence["Batch"], results: Sequence[BatchResult], failures: list[dict[str, Any]]) -> None:
@@ -553,33 +582,32 @@ class _Driver:
         task = prog.add_task("final steps", total=len(steps))
         st = self.store
 
-        prog.update(task, description="final steps: gathering chunks")
-        images_base, image_heads, failures = self._gather()
-        prog.advance(task)
+        @contextlib.contextmanager
+        def step(name: str, what: str) -> Iterator[None]:
+            prog.update(task, description=f"final steps: {what}")
+            with self.clock(name):
+                yield
+            prog.advance(task)
 
-        prog.update(task, description="final steps: head summaries")
-        heads = self._summaries(images_base, image_heads)
-        prog.advance(task)
-
-        prog.update(task, description="final steps: pruning curves")
-        if not st.has_table("curves"):
-            st.write_table("curves", self._curves(images_base, heads))
-        prog.advance(task)
-
+        with step("gather", "gathering chunks"):
+            images_base, image_heads, failures = self._gather()
+        with step("summaries", "head summaries"):
+            heads = self._summaries(images_base, image_heads)
+        with step("curves", "pruning curves"):
+            if not st.has_table("curves"):
+                st.write_table("curves", self._curves(images_base, heads))
         pattern_frames, cluster_frames, dominant = [], [], []
         for kind, input_kind in cats.items():
-            prog.update(task, description=f"final steps: {kind} attention patterns")
-            maps, clusters, dom = self._patterns(kind, input_kind, images_base)
+            with step(f"patterns_{kind}", f"{kind} attention patterns"):
+                maps, clusters, dom = self._patterns(kind, input_kind, images_base)
             pattern_frames.append(maps)
             cluster_frames.append(clusters)
             dominant.append(dom)
-            prog.advance(task)
-
-        prog.update(task, description="final steps: image overview")
-        overview = self._overview(images_base, image_heads)
-        prog.advance(task)
+        with step("overview", "image overview"):
+            overview = self._overview(images_base, image_heads)
 
         prog.update(task, description="final steps: writing tables")
+        start = time.perf_counter()
         for dom in dominant:
             heads = heads.merge(dom, on=["layer", "head"], how="left", validate="one_to_one")
         images = images_base.copy()
@@ -595,6 +623,8 @@ class _Driver:
         manifest["patterns"] = {kind: {"input": inp} for kind, inp in cats.items()}
         manifest["status"] = STATUS_COMPLETE
         manifest["completed"] = now_iso()
+        self.timings["tables"] = time.perf_counter() - start
+        manifest["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         st.write_manifest(manifest)
         self.manifest = manifest
         st.remove_chunks()

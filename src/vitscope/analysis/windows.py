@@ -15,6 +15,9 @@ allowed keys), as in windowed attention, with :class:`~vitscope.capture.runtime.
 - ``"indicator"``: per layer and query, the keys with the largest mean impact in that layer.
 - ``"indicator_pooled"``: the same ranking from the impact summed over layers, used in every layer.
 - ``"random"``: random keys (a baseline; seeded).
+- any name given in ``scores``: per layer and query, the keys with the largest value of that
+  ``(L, P, P)`` score, e.g. the mean *absolute* impact (``InteractionAccumulator.summary()
+  ["abs_mean"]``) or the per-image field frequency (``FieldAccumulator.summary()["frequency"]``).
 
 For a given ``k`` every method gives each query exactly as many patch keys as the clipped ``k x k``
 window does, so all methods have the same key budget (mean keys per query) query by query.
@@ -125,15 +128,23 @@ def window_key_sets(
     *,
     num_layers: Optional[int] = None,
     seed: int = 0,
+    scores: Optional[Mapping[str, np.ndarray]] = None,
 ) -> np.ndarray:
     """Patch keys each query may attend to in each layer, ``(L, P, P)`` bool, for one method and ``k``.
 
     ``impact_mean`` ``(L, P, P)`` (mean first-order impact over a set of images, e.g.
     ``InteractionAccumulator.summary()["mean"]``) is needed by the indicator methods;
-    ``num_layers`` by the others when it is not given.
+    ``num_layers`` by the others when it is not given. A ``method`` named in ``scores`` ranks keys
+    per layer by that ``(L, P, P)`` array.
     """
     base = window_keys(layout, k)
     counts = base.sum(-1)
+    if scores is not None and method in scores:
+        sc = np.asarray(scores[method], dtype=np.float64)
+        P = layout.num_patches
+        if sc.ndim != 3 or sc.shape[1:] != (P, P):
+            raise ValueError(f"scores[{method!r}] must be (L, {P}, {P}), got {sc.shape}")
+        return top_keys(sc, counts)
     if impact_mean is not None:
         impact_mean = np.asarray(impact_mean, dtype=np.float64)
         P = layout.num_patches
@@ -154,7 +165,8 @@ def window_key_sets(
             return top_keys(impact_mean, counts)
         pooled = top_keys(impact_mean.sum(0), counts)
         return np.broadcast_to(pooled, (L,) + pooled.shape).copy()
-    raise ValueError(f"unknown window method {method!r}; use one of {', '.join(WINDOW_METHODS)} or 'random'")
+    named = f", 'random' or a name in scores ({', '.join(scores)})" if scores else " or 'random'"
+    raise ValueError(f"unknown window method {method!r}; use one of {', '.join(WINDOW_METHODS)}{named}")
 
 
 # =========================================================================== window curve
@@ -180,6 +192,7 @@ def window_curve(
     *,
     ks: Optional[Sequence[int]] = None,
     methods: Optional[Sequence[str]] = None,
+    scores: Optional[Mapping[str, np.ndarray]] = None,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Accuracy against key budget for window-restricted attention in every layer.
@@ -191,7 +204,9 @@ def window_curve(
             indicator methods).
         ks: odd window sides (default :func:`window_sizes`).
         methods: default ``("window", "indicator", "indicator_pooled")`` when ``impact_mean`` is
-            given, else ``("window",)``; ``"random"`` adds a random-keys baseline.
+            given, else ``("window",)``, followed by every name in ``scores``; ``"random"`` adds a
+            random-keys baseline.
+        scores: extra key rankings ``{name: (L, P, P)}`` (larger = keep first), from other images.
 
     Returns one row per (method, k) plus a ``"full"`` row (unrestricted attention): ``method, k,
     keys_per_query`` (mean allowed patch keys per patch query), ``keys_per_query_total`` (with the
@@ -202,12 +217,12 @@ def window_curve(
     lay, L = vit.layout, vit.num_layers
     ks = window_sizes(lay) if ks is None else [int(k) for k in ks]
     if methods is None:
-        methods = WINDOW_METHODS if impact_mean is not None else ("window",)
+        methods = list(WINDOW_METHODS if impact_mean is not None else ("window",)) + list(scores or {})
     configs: list[tuple[str, int, float, torch.Tensor]] = []
     dev = vit.device
     for method in methods:
         for k in ks:
-            keys = window_key_sets(lay, k, method, impact_mean, num_layers=L, seed=seed)
+            keys = window_key_sets(lay, k, method, impact_mean, num_layers=L, seed=seed, scores=scores)
             configs.append((method, k, float(keys.sum(-1).mean()), torch.as_tensor(allowed_from_keys(keys, lay), device=dev)))
     sums = np.zeros((len(configs) + 1, 4))
     n = 0
@@ -271,7 +286,7 @@ def remove_patches(vit: "ViT", x: Any, scores: Any, rate: float) -> torch.Tensor
     vit._require_head()
     x = as_batch(vit, x)
     h = vit.embed(x)
-    return _removed_logits(vit, h, torch.as_tensor(np.asarray(scores), dtype=torch.float64), rate)
+    return _removed_logits(vit, h, torch.tensor(np.array(scores, dtype=np.float64)), rate)
 
 
 def _removed_logits(vit: "ViT", h: torch.Tensor, scores: torch.Tensor, rate: float) -> torch.Tensor:
@@ -281,13 +296,9 @@ def _removed_logits(vit: "ViT", h: torch.Tensor, scores: torch.Tensor, rate: flo
     n_keep = keep_count(P, rate)
     if n_keep == P:
         return vit.readout(vit.run_blocks(h))
-    # Stable descending sort = ascending removal order with ties broken by lower index removed first.
-    order = torch.sort(scores.cpu(), dim=1, descending=True, stable=True).indices
-    # Among equal scores a descending stable sort keeps lower indices first, i.e. removes higher ones;
-    # flip so removal order is ascending score, lower index first.
+    # Ascending stable sort: the lowest scores are removed first, ties by lower patch index.
     asc = torch.sort(scores.cpu(), dim=1, stable=True).indices
     keep = asc[:, P - n_keep :]
-    del order
     return vit.readout(vit.run_blocks(drop_patch_tokens(vit, h, keep)))
 
 
@@ -381,7 +392,7 @@ def removal_curve(
             if method == "impact":
                 scores = torch.as_tensor(impact_scores(vit, x, target if rank_with_labels else reference))
             elif method == "impact_dataset":
-                scores = torch.as_tensor(dataset_scores).expand(B, P)
+                scores = torch.tensor(dataset_scores).expand(B, P)
             elif method == "cls_attention":
                 scores = torch.as_tensor(cls_attention_scores(vit, x))
             else:
