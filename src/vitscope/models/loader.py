@@ -214,6 +214,10 @@ def _load_local_file(path: Path, device: Union[str, torch.device, None]) -> ViT:
     from vitscope.models import registry  # noqa: F401 - registers vitscope's timm models
 
     args = json.loads(meta.get(META_ARGS, "{}"))
+    # Attention masks (WinfT, fixed windows) are buffers restored from the weights themselves; the
+    # file they were first read from need not exist any more.
+    for key in ("masks", "mask_file"):
+        args.pop(key, None)
     model = timm.create_model(arch, pretrained=False, **args)
     if META_CFG in meta:
         cfg = json.loads(meta[META_CFG])
