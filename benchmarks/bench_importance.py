@@ -32,13 +32,23 @@ CLOCK: Callable[[], float] = time.perf_counter
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
     """Median time of ``repeat`` calls (after one warm-up call) on ``CLOCK``."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = CLOCK()
+    return interleaved({"fn": fn}, repeat)["fn"]
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median time of each function over ``repeat`` rounds that call every function once.
+
+    Interleaving keeps slow phases of a shared machine from favouring one measurement.
+    """
+    for fn in fns.values():
         fn()
-        times.append(CLOCK() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = CLOCK()
+            fn()
+            times[name].append(CLOCK() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
@@ -82,14 +92,20 @@ def main() -> None:
 
         return run
 
-    t_fwd = timed(over_batches(lambda x, y: vit.logits(x)), args.repeat)
     heads = [(l, h) for l in range(L) for h in range(H)]
     subset = heads[:: max(1, len(heads) // args.naive_heads)][: args.naive_heads]
+    other_chunk = len(batches[0][0]) * H if vit.device.type == "cpu" else len(batches[0][0])
+    t = interleaved(
+        {
+            "fwd": over_batches(lambda x, y: vit.logits(x)),
+            "sweep": over_batches(lambda x, y: head_sweep(vit, x, y)),
+            "sweep_other": over_batches(lambda x, y: head_sweep(vit, x, y, chunk=other_chunk)),
+        },
+        args.repeat,
+    )
+    t_fwd, t_sweep, t_sweep_other = t["fwd"], t["sweep"], t["sweep_other"]
     t_subset = timed(over_batches(lambda x, y: [vit.logits(x, masks={lh: "all"}) for lh in subset]), 1)
     t_naive = t_fwd + t_subset * len(heads) / len(subset)
-    t_sweep = timed(over_batches(lambda x, y: head_sweep(vit, x, y)), args.repeat)
-    other_chunk = len(batches[0][0]) * H if vit.device.type == "cpu" else len(batches[0][0])
-    t_sweep_other = timed(over_batches(lambda x, y: head_sweep(vit, x, y, chunk=other_chunk)), args.repeat)
     t_taylor = timed(over_batches(lambda x, y: taylor_importance(vit, x, y)), args.repeat)
     floor = H * (L + 1) / 2 + 1
 

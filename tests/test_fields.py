@@ -264,7 +264,7 @@ def test_field_accumulator_matches_direct():
     back = FieldAccumulator.from_state(acc.state(), LAYOUT)
     np.testing.assert_array_equal(back.summary()["arrow_p"], s["arrow_p"])
     summ = field_layer_summary(s, LAYOUT)  # set-level geometry feeds the same summaries and figures
-    assert len(summ) == 2 and summ.loc[0, "toward_centre"] < summ.loc[0, "offset_uniform"]
+    assert len(summ) == 2 and summ.loc[0, "mean_dy"] < 0 < summ.loc[0, "mean_angle"] <= 180  # pointing up
     with pytest.raises(ValueError, match="expected impact"):
         acc.update(impact[0])
 
@@ -276,3 +276,12 @@ def test_layer_summary_uniform_baselines():
     # A field covering the grid: its arrow is exactly the way to the grid centre.
     assert t.loc[0, "toward_centre"] == pytest.approx(t.loc[0, "offset_uniform"])
     assert t.loc[0, "extent_mean"] == pytest.approx(t.loc[0, "extent_uniform"])
+
+
+def test_image_fields_shortcut():
+    from vitscope.analysis.fields import image_fields
+
+    impact = np.random.default_rng(7).normal(size=(2, P, P))
+    member, stats = image_fields(impact, LAYOUT, mass=0.3)
+    np.testing.assert_array_equal(member, image_field_membership(impact, 0.3))
+    np.testing.assert_allclose(stats["spread"], field_statistics(member, LAYOUT)["spread"])

@@ -74,7 +74,7 @@ def _assert_sweeps_equal(fast: dict, naive: dict, tol: float = 1e-5) -> None:
 def test_sweep_matches_naive_random_vit(random_vit, rand_x):
     targets = [1, -1, 3, 0, -1]
     naive = head_sweep_naive(random_vit, rand_x, targets)
-    for chunk in (None, 3, 1):  # 3 does not divide B * H, so chunks straddle images
+    for chunk in (None, 10, 3, 1):  # None = B rows on the CPU; 3 does not divide B * H, so chunks straddle images
         fast = head_sweep(random_vit, rand_x, targets, chunk=chunk)
         _assert_sweeps_equal(fast, naive)
         assert fast["pruned_prob"].shape == (5, random_vit.num_layers, random_vit.num_heads)

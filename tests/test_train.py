@@ -332,6 +332,30 @@ def test_cli_trains_on_image_folder(tmp_path):
     assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
 
 
+def test_cli_fashion_mnist_from_idx_folder_resumes(tmp_path):
+    """`--dataset fashion-mnist --data-root` reads IDX files; `--stop-after` then a plain re-run finishes the run."""
+    from typer.testing import CliRunner
+
+    from vitscope.cli import app
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "idx").mkdir()
+    for split, n in (("train", 64), ("t10k", 32)):
+        write_idx(tmp_path / "idx" / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), fm.IDX_IMAGES_MAGIC)
+        write_idx(tmp_path / "idx" / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, fm.IDX_LABELS_MAGIC)
+    args = ["train", "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "idx"), "--out", str(tmp_path / "run"),
+            "--epochs", "2", "--batch-size", "32", "--no-progress", "-a", "depth=1", "-a", "embed_dim=16"]  # fmt: skip
+    first = CliRunner().invoke(app, [*args, "--stop-after", "1"])
+    assert first.exit_code == 0, first.output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["complete"] is False
+    second = CliRunner().invoke(app, [*args, "--progress"])
+    assert second.exit_code == 0, second.output
+    assert "resuming" in second.output and "epoch 2/2:" in second.output and "epoch 1/2:" not in second.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["classes"] == fm.CLASSES and metrics["epochs"][-1]["test_count"] == 32
+    assert metrics["model"] == {"arch": "fmnist_vit_tiny", "kwargs": {"depth": 1, "embed_dim": 16, "num_classes": 10}}
+
+
 def test_folder_holdout_split(tmp_path):
     from vitscope.train import folder_splits
 

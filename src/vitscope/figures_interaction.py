@@ -73,31 +73,40 @@ def plot_field_arrows(
     *,
     image: Any = None,
     ncols: int = 4,
+    length: Optional[float] = None,
     title: Optional[str] = None,
 ) -> "Figure":
     """Responsive-field arrows over the patch grid, one panel per layer.
 
-    ``stats`` is :func:`~vitscope.analysis.fields.field_statistics` output with ``(L, P)`` arrays;
-    each patch gets an arrow from its centre to its field's centroid (true length, in patches),
-    coloured by field size. ``image`` (an ``(H, W, 3)`` array, PIL image or ``(C, H, W)`` tensor)
-    is drawn underneath, for per-image fields.
+    ``stats`` is :func:`~vitscope.analysis.fields.field_statistics` (or ``FieldAccumulator.summary()``)
+    output with ``(L, P)`` arrays; each patch gets an arrow from its centre towards its field's
+    centroid, coloured by field size; crosses mark empty fields. ``length`` multiplies the arrows:
+    ``1`` draws them at true length (in patches); the default scales all panels alike so the 95th
+    percentile arrow is 1.5 patches long (the factor is shown in the titles), since true-length
+    arrows of large fields overlap. ``image`` (an ``(H, W, 3)`` array, PIL image or ``(C, H, W)``
+    tensor) is drawn underneath, for per-image fields.
     """
-    dy, dx, size = (np.asarray(stats[k]) for k in ("dy", "dx", "size"))
+    dy, dx, size = (np.asarray(stats[k], dtype=np.float64) for k in ("dy", "dx", "size"))
     sel = _layers(dy.shape[0], layers)
     pos = layout.patch_positions().numpy()
+    if length is None:
+        mag = np.hypot(dx[sel], dy[sel])
+        top = float(np.nanpercentile(mag, 95)) if np.isfinite(mag).any() else 0.0
+        length = 1.5 / top if top > 0 else 1.0
     fig, axes = _figure(len(sel), ncols)
-    vmax = max(int(size.max()), 1)
+    vmax = max(float(np.nanmax(size)), 1.0)
+    q = None
     for ax, l in zip(axes, sel):
         _grid_axes(ax, layout.grid)
         _background(ax, image, layout.grid)
-        ok = np.isfinite(dx[l]) & np.isfinite(dy[l])
+        ok = np.isfinite(dx[l]) & np.isfinite(dy[l]) & (size[l] > 0)
         q = ax.quiver(
-            pos[ok, 1], pos[ok, 0], dx[l][ok], dy[l][ok], size[l][ok],
-            angles="xy", scale_units="xy", scale=1.0, cmap="viridis", clim=(0, vmax), width=0.012,
+            pos[ok, 1], pos[ok, 0], length * dx[l][ok], length * dy[l][ok], size[l][ok],
+            angles="xy", scale_units="xy", scale=1.0, cmap="viridis", clim=(0, vmax), width=0.008,
         )  # fmt: skip
         ax.plot(pos[~ok, 1], pos[~ok, 0], "x", color="0.6", markersize=3)
-        ax.set_title(f"layer {l}", fontsize=9)
-    if len(sel):
+        ax.set_title(f"layer {l}" + ("" if length == 1 else f" (arrows x{length:.2g})"), fontsize=9)
+    if q is not None:
         fig.colorbar(q, ax=list(axes), shrink=0.6, label="field size (keys)")
     if title:
         fig.suptitle(title)

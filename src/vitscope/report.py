@@ -56,10 +56,13 @@ def _new_figure(width: float, height: float) -> "Figure":
 
 
 def _save(fig: "Figure", folder: Path, stem: str) -> None:
-    for fmt in FORMATS:
-        # No timestamps in the files, so re-running a report gives identical files.
-        meta = {"Date": None} if fmt == "svg" else {"Software": None}
-        fig.savefig(folder / f"{stem}.{fmt}", format=fmt, dpi=130 if fmt == "png" else None, metadata=meta)
+    import matplotlib
+
+    # No timestamps and no random SVG ids, so re-running a report gives identical files.
+    with matplotlib.rc_context({"svg.hashsalt": "vitscope"}):
+        for fmt in FORMATS:
+            meta = {"Date": None} if fmt == "svg" else {"Software": None}
+            fig.savefig(folder / f"{stem}.{fmt}", format=fmt, dpi=130 if fmt == "png" else None, metadata=meta)
 
 
 def _metrics(heads: pd.DataFrame) -> list[str]:

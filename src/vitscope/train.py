@@ -704,7 +704,7 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
     eval_idx = list(range(ctx.rank, len(splits.test), ctx.world)) if splits.test is not None else None
     n_params = sum(p.numel() for p in net.parameters())
     console.print(
-        f"[bold]train[/] {spec.arch} ({n_params / 1e6:.2f} M parameters, input {'x'.join(map(str, cfg['input_size']))}) on "
+        f"[bold]train[/] {spec.arch} ({n_params:,} parameters, input {'x'.join(map(str, cfg['input_size']))}) on "
         f"{dataset_name}: {len(splits.train)} train / {len(splits.test) if splits.test is not None else 0} test images, "
         f"{len(classes)} classes, {ctx.world} process(es) on {ctx.device}, {steps_per_epoch} steps/epoch"
     )

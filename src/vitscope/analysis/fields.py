@@ -132,6 +132,13 @@ def responsive_fields(
     return member, field_statistics(member, layout, np.asarray(summary["mean"]) if weighted else None)
 
 
+def image_fields(impact: Any, layout: "TokenLayout", mass: float = 0.5) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One image's fields and their geometry from its impacts ``(L, P, P)`` (e.g.
+    ``first_order_impact(...)["impact"][b]``): ``(membership (L, P, P), statistics {measure: (L, P)})``."""
+    member = image_field_membership(impact, mass)
+    return member, field_statistics(member, layout)
+
+
 class FieldAccumulator:
     """Per-image responsive fields aggregated over an image set, in streaming form.
 

@@ -173,6 +173,7 @@ def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[i
             out["change"][l, idx] = change
             out["rel"][l, idx] = rel
             correct[l, idx] = logits.argmax(-1) == t
+        stream[l] = None  # type: ignore  # block l's input is not needed again: free it as the sweep moves on
 
     def per_head(v: torch.Tensor) -> np.ndarray:  # (L, B*H) -> (B, L, H)
         return v.reshape(L, B, H).permute(1, 0, 2).cpu().numpy()

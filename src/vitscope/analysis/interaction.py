@@ -237,7 +237,8 @@ def knockout_impact(
     Args:
         x: preprocessed ``(B, C, H, W)`` batch (or images).
         layer: the layer whose edges are removed.
-        queries: query patch indices (may be empty when ``prefix_queries`` is given).
+        queries: query patch indices (``None``: every patch; may be empty when ``prefix_queries``
+            is given).
         targets: class per image (``None`` / ``-1``: the unablated prediction).
         keys: key patch indices (``K``; default all ``P`` patches).
         prefix_queries: prefix token positions (``0`` = CLS in timm models) to use as queries too;
@@ -249,8 +250,9 @@ def knockout_impact(
     ``base_loss (B,)``, ``target (B,)``, ``queries``, ``prefix_queries`` and ``keys (K,)``.
 
     The original loss of each image is computed as one more row of the same batched runs with
-    nothing removed, so the difference carries no fused-versus-explicit or batch-size rounding
-    (which would otherwise add a constant of about 1e-7 to every impact). Cost: ``B * (Q * K + 1)``
+    nothing removed, so the difference carries no fused-versus-explicit rounding and almost no
+    batch-size rounding (a separate run would add a constant of about 1e-7 to every impact in
+    float32, about 1e-8 remains). Cost: ``B * (Q * K + 1)``
     forwards of the layers ``layer .. L-1``; use it on a few queries to check
     :func:`first_order_impact`.
     """

@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from vitscope.store.manifest import describe_mismatch, fingerprint, now_iso, pac
 from vitscope.store.reader import Run, open_run
 from vitscope.store.writer import RunStore
 
-if False:  # pragma: no cover - typing only, avoids importing the data/model stack at import time
+if TYPE_CHECKING:  # pragma: no cover
     from vitscope.data import Batch, ImageRecord, ImageSet
     from vitscope.models.vit import ViT
 
@@ -311,7 +311,8 @@ def analyze(
 
     Args:
         model: a model spec for :func:`vitscope.load_model` or a loaded :class:`~vitscope.ViT`.
-        images: a folder, ``"sample"`` (the embedded sample), or a list of files.
+        images: a folder, a list of files, or ``"sample"``/``None`` (the embedded sample; with a
+            labels CSV and no images, the images that CSV lists).
         labels: a CSV with ``path`` and ``label``/``class_index`` columns, or one label per
             image (a list); a folder's own ``labels.csv`` or class sub-folders are used when omitted.
         limit: analyse only the first ``limit`` images of the sorted list.
@@ -347,8 +348,8 @@ def analyze(
 
     vit = model if isinstance(model, ViT) else load_model(model, weights=weights, device=device)
     vit._require_head()
-    source = "sample" if images is None else images
-    image_set = load_images(source, labels=labels, limit=limit, class_names=vit.class_names)
+    image_set = load_images(images, labels=labels, limit=limit, class_names=vit.class_names)
+    source = images if images is not None else ("sample" if labels is None else labels)
     if not image_set.records:
         raise ValueError(f"no images to analyse in {source}")
     _check_labels(image_set, vit)

@@ -218,13 +218,22 @@ def window_curve(
     ks = window_sizes(lay) if ks is None else [int(k) for k in ks]
     if methods is None:
         methods = list(WINDOW_METHODS if impact_mean is not None else ("window",)) + list(scores or {})
-    configs: list[tuple[str, int, float, torch.Tensor]] = []
+    configs: list[tuple[str, int, float, int]] = []  # method, k, keys per query, index of its mask
+    masks: list[Optional[torch.Tensor]] = [None]  # mask 0: unrestricted attention
+    seen: dict[bytes, int] = {}
     dev = vit.device
     for method in methods:
         for k in ks:
             keys = window_key_sets(lay, k, method, impact_mean, num_layers=L, seed=seed, scores=scores)
-            configs.append((method, k, float(keys.sum(-1).mean()), torch.as_tensor(allowed_from_keys(keys, lay), device=dev)))
-    sums = np.zeros((len(configs) + 1, 4))
+            allowed = allowed_from_keys(keys, lay)
+            # Identical key sets (e.g. every method once the window covers the grid) run once.
+            key = b"all" if allowed.all() else np.packbits(allowed).tobytes()
+            if key not in seen:
+                seen[key] = 0 if key == b"all" else len(masks)
+                if key != b"all":
+                    masks.append(torch.as_tensor(allowed, device=dev))
+            configs.append((method, k, float(keys.sum(-1).mean()), seen[key]))
+    sums = np.zeros((len(masks), 4))
     n = 0
     for xb, tb in _batches(batches):
         x = as_batch(vit, xb)
@@ -234,15 +243,17 @@ def window_curve(
         target = resolve_targets(tb, reference, base.shape[1])
         n += x.shape[0]
         sums[0] += _stats(base, target, reference)
-        for c, (_, _, _, allowed) in enumerate(configs):
+        for c, allowed in enumerate(masks[1:], start=1):
             plans = {l: LayerPlan(allowed=allowed[l]) for l in range(L)}
-            sums[c + 1] += _stats(vit.readout(vit.run_blocks(h0, plans=plans)), target, reference)
+            sums[c] += _stats(vit.readout(vit.run_blocks(h0, plans=plans)), target, reference)
     if n == 0:
         raise ValueError("batches yielded no images")
     P, pre = lay.num_patches, lay.num_prefix
-    rows = [("full", max(ks) if ks else 2 * max(lay.grid) - 1, float(P))] + [(m, k, kpq) for m, k, kpq, _ in configs]
+    rows = [("full", window_sizes(lay)[-1], float(P), 0)] + configs
+    means = sums / n
     out = []
-    for (method, k, kpq), s in zip(rows, sums / n):
+    for method, k, kpq, m in rows:
+        s = means[m]
         out.append(
             {
                 "method": method,
