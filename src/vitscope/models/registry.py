@@ -6,6 +6,7 @@ from typing import Any
 
 from timm.models import register_model
 
+from vitscope.models import winft  # noqa: F401 - registers the WinfT architectures with timm
 from vitscope.models.builtin import create_fmnist_vit_tiny
 
 

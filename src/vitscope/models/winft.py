@@ -1,0 +1,559 @@
+"""The window-free transformer (WinfT): a ViT whose attention follows a reference model's responsive fields.
+
+Definition (papers.md, Paper 2, "WinfT"). In every layer ``l`` each patch query ``i`` may attend only
+to the keys in an allowed set ``M[l, i]``; keys outside it are removed *before* the softmax, so the
+row is renormalised over the allowed keys, exactly like windowed attention. Prefix tokens (CLS,
+distillation, registers) attend to every token and every query may attend to them. The sets come
+from the responsive fields of a trained reference model (:func:`winft_masks_from_fields`: the keys
+whose first-order interaction impact is significantly positive over training images, plus the query
+itself), so each patch gets a window of its own shape and size instead of a fixed square.
+
+The same class covers the two baselines of the experiment, so all three arms share one architecture,
+parameter count and training recipe:
+
+- ``masks=None, window=None``: every mask is all-True, i.e. the plain ViT;
+- ``window=k``: the fixed ``k x k`` window around each patch (Chebyshev radius ``(k - 1) / 2`` on the
+  patch grid, clipped at the border; ``k = 2 * max(grid) - 1`` is global);
+- ``masks=``: a boolean ``(L, T, T)`` (or patch-block ``(L, P, P)``) tensor, or the path of a file
+  written by :func:`save_masks`.
+
+Implementation. :class:`WinfT` is a timm ``VisionTransformer`` whose blocks (:class:`WinfTBlock`)
+keep their layer's mask as a registered buffer ``blocks.<l>.attn_allowed`` and pass it to timm's own
+``Attention`` as ``attn_mask`` (``scaled_dot_product_attention`` boolean mask, True = attend). The
+mask therefore travels in the state dict and in the ``.safetensors`` file ``vitscope train`` writes,
+and :func:`vitscope.load_model` restores it from the weights alone. The mask lives in the block, not
+in one ``(L, T, T)`` model buffer, because timm's ``forward_intermediates`` and vitscope's analysis
+backend call the blocks one by one (a model buffer would need per-layer views, and safetensors
+refuses tensors that share storage).
+
+Architectures registered with timm (``timm.create_model(name, masks=..., window=...)``):
+``winft_fmnist_tiny`` (the size of the built-in ``fmnist_vit_tiny``), ``winft_tiny_patch16_224``,
+``winft_small_patch16_224`` and ``winft_base_patch16_224`` (DeiT/ViT Tiny, Small, Base).
+
+Note on cost: the masked attention runs the dense fused kernel with a mask, so a sparse mask does
+not make a WinfT faster than the plain ViT; all three arms of the experiment run the same kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from timm.layers import Attention
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from vitscope.models.builtin import FMNIST_VIT_TINY_ARGS, fmnist_pretrained_cfg
+from vitscope.models.layout import TokenLayout
+
+#: Tensor name of the masks in a mask file written by :func:`save_masks`.
+MASKS_KEY = "masks"
+#: safetensors metadata key of a mask file (JSON: layout and how the masks were made).
+MASKS_META = "vitscope.winft_masks"
+#: Name of each block's mask buffer in the state dict (``blocks.<l>.attn_allowed``).
+BUFFER_NAME = "attn_allowed"
+
+MaskSource = Union[None, str, Path, torch.Tensor, np.ndarray, Sequence[Any]]
+
+
+class WinfTMaskError(ValueError):
+    """Attention masks that a WinfT cannot use (the message names the problem and the fix)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout and mask helpers (no model needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def layout_of(model: nn.Module) -> TokenLayout:
+    """The token layout of a timm ``VisionTransformer`` (prefix tokens, patch grid), without touching the model."""
+    has_cls = getattr(model, "cls_token", None) is not None
+    n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
+    num_prefix = int(model.num_prefix_tokens)
+    start = 1 if has_cls else 0
+    grid = tuple(int(g) for g in model.patch_embed.grid_size)
+    patch = tuple(int(p) for p in model.patch_embed.patch_size)
+    return TokenLayout(num_prefix, 0 if has_cls else None, None, tuple(range(start, start + n_reg)), grid, patch)  # type: ignore[arg-type]
+
+
+def window_masks(layout: TokenLayout, k: int, num_layers: int) -> torch.Tensor:
+    """Fixed ``k x k`` local windows in every layer, ``(L, T, T)`` bool (prefix rows and columns all True)."""
+    from vitscope.analysis.windows import window_mask
+
+    m = torch.from_numpy(window_mask(layout, k))
+    return m.expand(num_layers, *m.shape).clone()
+
+
+def expand_patch_masks(keys: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Patch-block key sets ``(L, P, P)`` -> full ``(L, T, T)`` masks with global prefix tokens."""
+    from vitscope.analysis.windows import allowed_from_keys
+
+    return torch.from_numpy(allowed_from_keys(keys.cpu().numpy(), layout))
+
+
+def check_masks(masks: torch.Tensor, layout: TokenLayout, num_layers: int, what: str = "masks") -> torch.Tensor:
+    """Validate allowed-key masks for a model and return them as a contiguous CPU bool ``(L, T, T)`` tensor.
+
+    Accepts ``(L, T, T)`` or the patch block ``(L, P, P)`` (prefix tokens are then made global).
+    Requires prefix rows and columns to be all True (CLS attends and is attended globally) and every
+    query to keep at least one key.
+    """
+    m = torch.as_tensor(masks).detach().cpu()
+    if m.dtype != torch.bool:
+        uniq = torch.unique(m)
+        if not bool(((uniq == 0) | (uniq == 1)).all()):
+            raise WinfTMaskError(f"{what} must be boolean (True = may attend); got dtype {m.dtype} with values other than 0/1")
+        m = m.bool()
+    L, P, T, pre = num_layers, layout.num_patches, layout.num_tokens, layout.num_prefix
+    if m.shape == (L, P, P) and P != T:
+        m = expand_patch_masks(m, layout)
+    if m.shape != (L, T, T):
+        raise WinfTMaskError(
+            f"{what} have shape {tuple(m.shape)}, but this model needs ({L}, {T}, {T}) (layers, query tokens, key tokens) "
+            f"or the patch block ({L}, {P}, {P}); derive them from a reference model with the same depth and grid"
+        )
+    if pre and not (bool(m[:, :pre, :].all()) and bool(m[:, :, :pre].all())):
+        raise WinfTMaskError(f"{what}: prefix tokens (CLS etc., the first {pre} rows and columns) must attend and be attended globally")
+    empty = ~m.any(-1)
+    if bool(empty.any()):
+        layer, query = (int(v) for v in empty.nonzero()[0])
+        raise WinfTMaskError(f"{what}: query token {query} of layer {layer} may attend to no key; every query needs at least one (e.g. itself)")
+    return m.contiguous()
+
+
+def save_masks(masks: torch.Tensor, path: Union[str, Path], layout: TokenLayout, info: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write masks ``(L, T, T)`` to a ``.safetensors`` file that ``masks=PATH`` and :func:`read_masks` accept.
+
+    ``info`` (JSON-serialisable) is stored next to the layout in the file's metadata, e.g. the
+    reference model and the field settings the masks came from.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise WinfTMaskError(f"mask file {path} must end in .safetensors")
+    m = check_masks(masks, layout, int(torch.as_tensor(masks).shape[0]))
+    meta = {
+        "grid": list(layout.grid),
+        "num_prefix": layout.num_prefix,
+        "patch_size": list(layout.patch_size),
+        "cls_index": layout.cls_index,
+        **mask_stats(m, layout),
+        **dict(info or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({MASKS_KEY: m}, str(tmp), metadata={MASKS_META: json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+def read_mask_file(path: Union[str, Path]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Masks and metadata from a file: a :func:`save_masks` file, a ``.pt`` holding a tensor (or a dict
+    with ``"masks"``), or a WinfT weights file written by ``vitscope train`` (``blocks.<l>.attn_allowed``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WinfTMaskError(f"mask file {path} does not exist; write one with vitscope.models.winft.save_masks")
+    meta: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        meta = json.loads(raw[MASKS_META]) if MASKS_META in raw else {}
+        tensors = load_file(str(path))
+    else:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        tensors = {MASKS_KEY: obj} if isinstance(obj, torch.Tensor) else dict(obj) if isinstance(obj, dict) else {}
+    if MASKS_KEY in tensors:
+        return tensors[MASKS_KEY], meta
+    per_block = sorted(
+        ((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("blocks.") and k.endswith("." + BUFFER_NAME)),
+        key=lambda kv: kv[0],
+    )
+    if per_block:
+        return torch.stack([v for _, v in per_block]), meta
+    raise WinfTMaskError(f"{path} holds neither a {MASKS_KEY!r} tensor nor WinfT block masks (blocks.<l>.{BUFFER_NAME})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class WinfTBlock(Block):
+    """A timm ``Block`` whose attention is restricted to a fixed allowed-key mask (buffer ``attn_allowed``, ``(T, T)`` bool).
+
+    The mask is handed to timm's ``Attention`` as ``attn_mask`` (True = may attend), which the fused
+    kernel applies before the softmax. A mask passed by the caller is combined with it (both must
+    allow a key).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Filled by WinfT once the number of tokens is known.
+        self.register_buffer(BUFFER_NAME, None)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        allowed = getattr(self, BUFFER_NAME)
+        if allowed is None:
+            raise RuntimeError("WinfTBlock has no attention mask; build it through WinfT, which sets one per block")
+        if allowed.shape[-1] != x.shape[1]:
+            raise WinfTMaskError(
+                f"this block's attention mask is for {allowed.shape[-1]} tokens but the input has {x.shape[1]}; "
+                "a WinfT runs only at the image size its masks were made for"
+            )
+        if is_causal:
+            raise WinfTMaskError("a WinfT block does not combine its field mask with causal masking")
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                allowed = allowed & attn_mask
+            else:  # an additive float mask: add -inf where the field forbids the key
+                allowed = attn_mask.masked_fill(~allowed, float("-inf"))
+        return super().forward(x, attn_mask=allowed)
+
+
+class WinfT(VisionTransformer):
+    """A timm ``VisionTransformer`` whose attention in layer ``l`` is restricted to ``masks[l]``.
+
+    Args:
+        masks: allowed keys, ``(L, T, T)`` or ``(L, P, P)`` boolean tensor/array, or the path of a
+            mask file (:func:`save_masks`, a ``.pt`` tensor, or a WinfT weights file). Prefix tokens must
+            be global and every query must keep a key.
+        window: instead of ``masks``, a fixed odd ``k x k`` window around every patch in every layer.
+        **kwargs: ``VisionTransformer`` arguments (``block_fn`` is always :class:`WinfTBlock`).
+
+    Without ``masks`` and ``window`` every mask is all-True: the plain ViT.
+    """
+
+    def __init__(self, *, masks: MaskSource = None, window: Optional[int] = None, **kwargs: Any) -> None:
+        if kwargs.pop("block_fn", WinfTBlock) is not WinfTBlock:
+            raise ValueError("WinfT always uses WinfTBlock; do not pass block_fn")
+        if kwargs.get("dynamic_img_size"):
+            raise ValueError("WinfT masks are tied to one token grid; dynamic_img_size is not supported")
+        super().__init__(block_fn=WinfTBlock, **kwargs)
+        for i, blk in enumerate(self.blocks):
+            if type(blk.attn) is not Attention:  # the fused path with attn_mask is what we rely on
+                raise ValueError(f"block {i} uses {type(blk.attn).__name__}; WinfT needs timm's standard Attention")
+        self.mask_source = "global"
+        self.set_masks(self._initial_masks(masks, window))
+
+    def _initial_masks(self, masks: MaskSource, window: Optional[int]) -> torch.Tensor:
+        layout, L = self.token_layout, len(self.blocks)
+        if masks is not None and window is not None:
+            raise WinfTMaskError("give either masks= or window=, not both")
+        if window is not None:
+            self.mask_source = f"window {int(window)}x{int(window)}"
+            return window_masks(layout, int(window), L)
+        if masks is None:
+            return torch.ones(L, layout.num_tokens, layout.num_tokens, dtype=torch.bool)
+        if isinstance(masks, (str, Path)):
+            self.mask_source = str(masks)
+            masks, _meta = read_mask_file(masks)
+        else:
+            self.mask_source = "tensor"
+        return torch.as_tensor(np.asarray(masks) if isinstance(masks, (list, tuple)) else masks)
+
+    @property
+    def token_layout(self) -> TokenLayout:
+        return layout_of(self)
+
+    def set_masks(self, masks: torch.Tensor) -> None:
+        """Replace every layer's allowed-key mask (``(L, T, T)`` or ``(L, P, P)`` bool, validated)."""
+        m = check_masks(masks, self.token_layout, len(self.blocks))
+        device = next(self.parameters()).device
+        for blk, layer_mask in zip(self.blocks, m):
+            setattr(blk, BUFFER_NAME, layer_mask.clone().to(device))
+
+    def allowed_masks(self) -> torch.Tensor:
+        """Every layer's allowed-key mask, ``(L, T, T)`` bool (True = the query may attend to the key)."""
+        return torch.stack([getattr(blk, BUFFER_NAME) for blk in self.blocks])
+
+    def vitscope_allowed_masks(self) -> torch.Tensor:
+        """The pre-softmax masks vitscope's analysis kernel must apply (``(L, T, T)``, same as :meth:`allowed_masks`)."""
+        return self.allowed_masks()
+
+    def mask_stats(self) -> dict[str, Any]:
+        """Key budget and sparsity of the masks (see :func:`mask_stats`)."""
+        return mask_stats(self.allowed_masks(), self.token_layout)
+
+
+def mask_stats(masks: torch.Tensor, layout: TokenLayout) -> dict[str, Any]:
+    """Key budget of allowed-key masks ``(L, T, T)``, counted over patch queries and patch keys.
+
+    - ``keys_per_query``: mean number of patch keys a patch query may attend to (over layers and
+      queries): the attention budget compared between a WinfT and a fixed window;
+    - ``keys_per_query_by_layer``: the same per layer;
+    - ``sparsity``: share of patch-to-patch edges removed, ``1 - keys_per_query / P``;
+    - ``token_sparsity``: share of all ``T x T`` cells removed (prefix tokens included);
+    - ``num_patches``.
+    """
+    m = torch.as_tensor(masks).bool()
+    ps = layout.patch_slice
+    block = m[:, ps, ps].double()
+    per_layer = block.sum(-1).mean(-1)
+    P = layout.num_patches
+    kpq = float(per_layer.mean())
+    return {
+        "keys_per_query": kpq,
+        "keys_per_query_by_layer": [float(v) for v in per_layer],
+        "sparsity": 1.0 - kpq / P,
+        "token_sparsity": float(1.0 - m.double().mean()),
+        "num_patches": P,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks from a reference model's responsive fields
+# --------------------------------------------------------------------------------------------------
+
+
+def winft_masks_from_fields(
+    summary: Mapping[str, np.ndarray],
+    layout: TokenLayout,
+    *,
+    min_impact: float = 0.0,
+    top_n: int = 0,
+    include_self: bool = True,
+) -> torch.Tensor:
+    """WinfT masks ``(L, T, T)`` from a reference model's responsive fields.
+
+    ``summary`` is ``InteractionAccumulator.summary(alternative="greater")`` over *training* images
+    (``mean`` and ``significant`` ``(L, P, P)``). Query patch ``i`` of layer ``l`` may attend to:
+
+    - its responsive field: keys ``j`` whose impact is significantly positive and above
+      ``min_impact`` (:func:`vitscope.analysis.fields.field_membership`);
+    - itself when ``include_self``;
+    - at least its ``top_n`` keys by mean impact, so that no field is empty (0: no minimum).
+
+    Prefix tokens (CLS, ...) attend and are attended globally.
+    """
+    from vitscope.analysis.fields import field_membership
+    from vitscope.analysis.windows import allowed_from_keys, top_keys
+
+    keys = field_membership(summary, min_impact=min_impact)
+    P = layout.num_patches
+    if keys.ndim != 3 or keys.shape[1:] != (P, P):
+        raise WinfTMaskError(f"the field summary is for {keys.shape[1:]} patches per layer but this layout has ({P}, {P})")
+    if top_n < 0 or top_n > P:
+        raise WinfTMaskError(f"top_n={top_n} must lie in 0..{P}")
+    if top_n:
+        keys = keys | top_keys(np.asarray(summary["mean"]), top_n)
+    if include_self:
+        keys = keys | np.eye(P, dtype=bool)[None]
+    return torch.from_numpy(allowed_from_keys(keys, layout))
+
+
+def matching_window(layout: TokenLayout, keys_per_query: float) -> tuple[int, float]:
+    """The odd window side ``k`` whose mean patch keys per patch query is nearest ``keys_per_query``.
+
+    Returns ``(k, its keys per query)``; border clipping is counted, so the budget is the real one.
+    """
+    from vitscope.analysis.windows import window_keys, window_sizes
+
+    best = min(((abs(float(window_keys(layout, k).sum(-1).mean()) - keys_per_query), k) for k in window_sizes(layout)))
+    k = best[1]
+    return k, float(window_keys(layout, k).sum(-1).mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures: what each layer's mask lets a patch see
+# --------------------------------------------------------------------------------------------------
+
+
+def masks_and_layout(source: Any, layout: Optional[TokenLayout] = None) -> tuple[torch.Tensor, TokenLayout]:
+    """``(masks (L, T, T), layout)`` from a WinfT, a :class:`vitscope.ViT` wrapping one, a mask or weights
+    file, or a tensor (then ``layout`` is needed unless the grid is square with one CLS token)."""
+    module = getattr(source, "module", source)
+    if isinstance(module, WinfT):
+        return module.allowed_masks().cpu(), layout or module.token_layout
+    if isinstance(module, nn.Module):
+        raise WinfTMaskError(f"{type(module).__name__} is not a WinfT; it has no attention masks to draw")
+    meta: dict[str, Any] = {}
+    if isinstance(source, (str, Path)):
+        masks, meta = read_mask_file(source)
+    else:
+        masks = torch.as_tensor(np.asarray(source) if isinstance(source, (list, tuple)) else source)
+    masks = masks.bool().cpu()
+    if layout is None:
+        if "grid" in meta:
+            cls = meta.get("cls_index", 0 if meta["num_prefix"] else None)
+            pre = int(meta["num_prefix"])
+            layout = TokenLayout(pre, cls, None, tuple(range(1 if cls is not None else 0, pre)), tuple(meta["grid"]),
+                                 tuple(meta.get("patch_size", (1, 1))))  # fmt: skip
+        else:
+            T = masks.shape[-1]
+            g = int(round((T - 1) ** 0.5))
+            if g * g != T - 1:
+                raise WinfTMaskError(f"cannot tell the patch grid of {T}-token masks; pass layout=vit.layout")
+            layout = TokenLayout(1, 0, None, (), (g, g), (1, 1))
+    if masks.ndim != 3 or masks.shape[-1] != layout.num_tokens:
+        raise WinfTMaskError(f"masks of shape {tuple(masks.shape)} do not fit {layout.describe()}")
+    return masks, layout
+
+
+def default_queries(layout: TokenLayout) -> list[int]:
+    """A corner, an edge, an off-centre and the centre patch (patch indices, row-major)."""
+    rows, cols = layout.grid
+    picks = [(0, 0), (0, cols // 2), (rows // 4, cols // 4), (rows // 2, cols // 2), (rows - 1, cols - 1)]
+    out: list[int] = []
+    for r, c in picks:
+        idx = r * cols + c
+        if idx not in out:
+            out.append(idx)
+    return out
+
+
+def plot_winft_masks(masks: torch.Tensor, layout: TokenLayout, queries: Optional[Sequence[int]] = None):
+    """One row per layer: for each query patch (red outline) the keys it may attend to (dark), then the
+    number of allowed patch keys of every query patch on the grid. Returns a matplotlib ``Figure``."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    m = torch.as_tensor(masks).bool().cpu()
+    queries = list(queries) if queries is not None else default_queries(layout)
+    L, (R, C) = m.shape[0], layout.grid
+    P, ps = layout.num_patches, layout.patch_slice
+    block = m[:, ps, ps].numpy()
+    counts = block.sum(-1).reshape(L, R, C)
+    ncols = len(queries) + 1
+    fig = Figure(figsize=(1.7 * ncols + 0.6, 1.7 * L + 0.5), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(L, ncols, squeeze=False))
+    for l in range(L):
+        for c, q in enumerate(queries):
+            ax = axes[l, c]
+            ax.imshow(block[l, q].reshape(R, C), cmap="Greys", vmin=-0.3, vmax=1.0, interpolation="nearest")
+            qr, qc = divmod(int(q), C)
+            ax.add_patch(Rectangle((qc - 0.5, qr - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if l == 0:
+                ax.set_title(f"query ({qr}, {qc})", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"layer {l}\n{block[l].sum(-1).mean():.1f} keys/query", fontsize=8)
+        ax = axes[l, -1]
+        im = ax.imshow(counts[l], cmap="viridis", vmin=0, vmax=P, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if l == 0:
+            ax.set_title("keys per query", fontsize=8)
+    fig.colorbar(im, ax=axes[:, -1], shrink=0.6, label="allowed patch keys")
+    fig.suptitle("Allowed keys per layer (CLS is always global)", fontsize=10)
+    return fig
+
+
+def plot_mask_budget(masks: torch.Tensor, layout: TokenLayout):
+    """Mean number of allowed patch keys per patch query, per layer, against the full grid. Returns a ``Figure``."""
+    from matplotlib.figure import Figure
+
+    st = mask_stats(masks, layout)
+    per_layer = st["keys_per_query_by_layer"]
+    fig = Figure(figsize=(4.8, 3.0), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(per_layer)), per_layer, color="tab:blue")
+    ax.axhline(layout.num_patches, color="grey", linestyle="--", linewidth=1, label=f"global ({layout.num_patches} patches)")
+    ax.axhline(st["keys_per_query"], color="tab:orange", linewidth=1, label=f"mean {st['keys_per_query']:.1f} (sparsity {st['sparsity']:.0%})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("allowed patch keys per patch query")
+    ax.set_xticks(range(len(per_layer)))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def draw_winft_masks(model_or_masks: Any, out_dir: Union[str, Path], *, layout: Optional[TokenLayout] = None,
+                     queries: Optional[Sequence[int]] = None) -> list[Path]:  # fmt: skip
+    """Write ``winft_masks.{png,svg}`` (allowed keys of a few query patches, per layer) and
+    ``winft_mask_budget.{png,svg}`` (mean field size per layer) into ``out_dir``; returns the PNG paths.
+
+    ``model_or_masks``: a WinfT, a :class:`vitscope.ViT` wrapping one, a mask or WinfT weights file,
+    or a ``(L, T, T)`` tensor.
+    """
+    import matplotlib
+
+    masks, layout = masks_and_layout(model_or_masks, layout)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, fig in (("winft_masks", plot_winft_masks(masks, layout, queries)), ("winft_mask_budget", plot_mask_budget(masks, layout))):
+        # No timestamps and fixed SVG ids, so re-drawing gives identical files.
+        with matplotlib.rc_context({"svg.hashsalt": "vitscope"}):
+            fig.savefig(out / f"{stem}.png", format="png", dpi=130, metadata={"Software": None})
+            fig.savefig(out / f"{stem}.svg", format="svg", metadata={"Date": None})
+        written.append(out / f"{stem}.png")
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+# timm registration
+# --------------------------------------------------------------------------------------------------
+
+
+def _imagenet_cfg() -> dict[str, Any]:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj", "classifier": "head",
+    }  # fmt: skip
+
+
+def _fmnist_cfg() -> dict[str, Any]:
+    cfg = fmnist_pretrained_cfg()
+    return {**cfg, "url": "", "fixed_input_size": True, "first_conv": "patch_embed.proj", "classifier": "head"}
+
+
+default_cfgs = generate_default_cfgs({
+    "winft_fmnist_tiny": _fmnist_cfg(),
+    "winft_tiny_patch16_224": _imagenet_cfg(),
+    "winft_small_patch16_224": _imagenet_cfg(),
+    "winft_base_patch16_224": _imagenet_cfg(),
+})  # fmt: skip
+
+#: Architecture of each registered WinfT (the ViT it is the same size as).
+WINFT_ARCHS: dict[str, dict[str, Any]] = {
+    "winft_fmnist_tiny": dict(FMNIST_VIT_TINY_ARGS),
+    "winft_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "winft_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "winft_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+
+def _create(variant: str, pretrained: bool, kwargs: dict[str, Any]) -> WinfT:
+    if pretrained:
+        raise ValueError(
+            f"{variant} has no pretrained weights to download: train one with `vitscope train --arch {variant}` "
+            "and load it with vitscope.load_model(PATH)"
+        )
+    args = {**WINFT_ARCHS[variant], **kwargs}
+    return build_model_with_cfg(WinfT, variant, False, feature_cfg=dict(out_indices=3, feature_cls="getter"), **args)
+
+
+@register_model
+def winft_fmnist_tiny(pretrained: bool = False, **kwargs: Any) -> WinfT:
+    """WinfT the size of the built-in Fashion-MNIST ViT: 6 layers, 4 heads, width 64, 7x7 grid of 4 px patches + CLS."""
+    return _create("winft_fmnist_tiny", pretrained, kwargs)
+
+
+@register_model
+def winft_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> WinfT:
+    """WinfT the size of ViT/DeiT-Tiny: 12 layers, 3 heads, width 192, 14x14 grid of 16 px patches + CLS."""
+    return _create("winft_tiny_patch16_224", pretrained, kwargs)
+
+
+@register_model
+def winft_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> WinfT:
+    """WinfT the size of ViT/DeiT-Small: 12 layers, 6 heads, width 384, 14x14 grid of 16 px patches + CLS."""
+    return _create("winft_small_patch16_224", pretrained, kwargs)
+
+
+@register_model
+def winft_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> WinfT:
+    """WinfT the size of ViT/DeiT-Base: 12 layers, 12 heads, width 768, 14x14 grid of 16 px patches + CLS."""
+    return _create("winft_base_patch16_224", pretrained, kwargs)
