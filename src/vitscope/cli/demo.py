@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +51,14 @@ def print_summary(run: Any, console: Console) -> None:
     )
 
     t = Table(title="Most important heads (pruning one head alone)", title_justify="left")
-    for col in ("layer", "head", "prob drop [95% CI]", "accuracy drop", "taylor", "entropy", "pattern"):
-        t.add_column(col, justify="right" if col not in ("pattern",) else "left")
+    for col in ("layer", "head", "prob drop", "95% CI", "acc drop", "taylor", "entropy", "pattern"):
+        t.add_column(col, justify="right" if col not in ("pattern",) else "left", no_wrap=True)
     top = heads.sort_values("prob_drop", ascending=False).head(5)
     for _, r in top.iterrows():
         t.add_row(
             str(int(r["layer"])),
             str(int(r["head"])),
+            f"{r['prob_drop']:+.3f}",
             _ci(r, "prob_drop"),
             f"{r.get('acc_drop', float('nan')):+.3f}",
             f"{r.get('taylor', float('nan')):.3g}",
@@ -65,7 +67,8 @@ def print_summary(run: Any, console: Console) -> None:
         )
     console.print(t)
 
-    s = Table(title="Attention strength by layer (patch tokens; entropy of the hop profile, max ln g)", title_justify="left")
+    g_side = max(len(p) for p in heads["hop_profile_mean"]) if "hop_profile_mean" in heads else 0
+    s = Table(title=f"Attention strength by layer (hop-profile entropy; uniform = ln {g_side} = {math.log(max(g_side, 1)):.2f})", title_justify="left")
     for col in ("layer", "entropy min", "entropy mean", "mean distance (px)", "CLS->patch mass"):
         s.add_column(col, justify="right")
     by_layer = heads.groupby("layer")
@@ -82,7 +85,5 @@ def print_summary(run: Any, console: Console) -> None:
 
 
 def _ci(row: Any, name: str) -> str:
-    v, lo, hi = row.get(name), row.get(f"{name}_lo"), row.get(f"{name}_hi")
-    if lo is None or hi is None:
-        return f"{v:+.3f}"
-    return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    return "-" if lo is None or hi is None else f"{lo:+.3f}..{hi:+.3f}"

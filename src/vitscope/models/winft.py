@@ -37,6 +37,7 @@ not make a WinfT faster than the plain ViT; all three arms of the experiment run
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -241,7 +242,6 @@ class WinfT(VisionTransformer):
         for i, blk in enumerate(self.blocks):
             if type(blk.attn) is not Attention:  # the fused path with attn_mask is what we rely on
                 raise ValueError(f"block {i} uses {type(blk.attn).__name__}; WinfT needs timm's standard Attention")
-        self.mask_source = "global"
         self.set_masks(self._initial_masks(masks, window))
 
     def _initial_masks(self, masks: MaskSource, window: Optional[int]) -> torch.Tensor:
@@ -249,15 +249,11 @@ class WinfT(VisionTransformer):
         if masks is not None and window is not None:
             raise WinfTMaskError("give either masks= or window=, not both")
         if window is not None:
-            self.mask_source = f"window {int(window)}x{int(window)}"
             return window_masks(layout, int(window), L)
         if masks is None:
             return torch.ones(L, layout.num_tokens, layout.num_tokens, dtype=torch.bool)
         if isinstance(masks, (str, Path)):
-            self.mask_source = str(masks)
             masks, _meta = read_mask_file(masks)
-        else:
-            self.mask_source = "tensor"
         return torch.as_tensor(np.asarray(masks) if isinstance(masks, (list, tuple)) else masks)
 
     @property
@@ -292,19 +288,30 @@ def mask_stats(masks: torch.Tensor, layout: TokenLayout) -> dict[str, Any]:
     - ``keys_per_query_by_layer``: the same per layer;
     - ``sparsity``: share of patch-to-patch edges removed, ``1 - keys_per_query / P``;
     - ``token_sparsity``: share of all ``T x T`` cells removed (prefix tokens included);
+    - ``key_distance``: mean Chebyshev distance on the patch grid (in patches) from a patch query to
+      its allowed patch keys other than itself (1.0 for a 3x3 window; NaN when no such key), and
+      ``key_distance_by_layer``: how local the masks are;
     - ``num_patches``.
     """
-    m = torch.as_tensor(masks).bool()
+    m = torch.as_tensor(masks).bool().cpu()
     ps = layout.patch_slice
-    block = m[:, ps, ps].double()
-    per_layer = block.sum(-1).mean(-1)
+    block = m[:, ps, ps]
+    per_layer = block.double().sum(-1).mean(-1)
     P = layout.num_patches
     kpq = float(per_layer.mean())
+    pos = layout.patch_positions()
+    cheb = (pos[:, None, :] - pos[None, :, :]).abs().amax(-1).double()  # (P, P)
+    others = block & ~torch.eye(P, dtype=torch.bool)
+    count = others.double().sum((-1, -2))
+    dist_by_layer = (others.double() * cheb).sum((-1, -2)) / count  # NaN where a layer has no such key
+    total = float(count.sum())
     return {
         "keys_per_query": kpq,
         "keys_per_query_by_layer": [float(v) for v in per_layer],
         "sparsity": 1.0 - kpq / P,
         "token_sparsity": float(1.0 - m.double().mean()),
+        "key_distance": float((others.double() * cheb).sum() / total) if total else math.nan,
+        "key_distance_by_layer": [float(v) for v in dist_by_layer],
         "num_patches": P,
     }
 
