@@ -356,3 +356,26 @@ def test_hf_families_capture_and_readout(family, tmp_path):
     with torch.no_grad():
         via_pieces = vit.readout(vit.run_blocks(h))
     assert (via_pieces - out.logits).abs().max().item() < 1e-5
+
+
+def test_model_with_its_own_boolean_mask_is_captured_exactly(random_vit):
+    """A block that passes a boolean attn_mask (as WinfT does) keeps it under capture and pruning."""
+    import types as _types
+
+    torch.manual_seed(6)
+    T = random_vit.num_tokens
+    allowed = torch.rand(T, T) > 0.4
+    allowed[:, 0] = True
+    model = copy.deepcopy(random_vit.module)
+    for blk in model.blocks:
+        blk.forward = _types.MethodType(lambda self, x, _f=type(blk).forward: _f(self, x, attn_mask=allowed), blk)
+    masked = vitscope.load_model(model, device="cpu")
+    x = torch.randn(2, 3, 32, 32)
+    A = masked.attention(x)
+    assert torch.all(A[:, :, :, ~allowed] == 0)
+    assert torch.allclose(A.sum(-1), torch.ones(()), atol=1e-5)
+    assert (masked.logits(x, masks={(1, None): "cls_self"}) - masked.logits(x)).abs().max() > 0
+    # unmasked capture and plain forward agree
+    ref = masked.readout(masked.run_blocks(masked.embed(x), plans={}))
+    logits, _ = masked.run_with_cache(x)
+    assert (logits - ref).abs().max().item() < 1e-5

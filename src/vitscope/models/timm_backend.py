@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Optional
 
@@ -24,8 +25,12 @@ def _patched_forward(runtime: AttentionRuntime, layer: int, original):
         plan = runtime.plan_for(layer)
         if plan is None:
             return original(x, attn_mask=attn_mask, is_causal=is_causal, **kw) if (attn_mask is not None or is_causal or kw) else original(x)
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("vitscope cannot analyse attention that already uses an attention mask or causal masking")
+        if is_causal or (attn_mask is not None and attn_mask.dtype != torch.bool):
+            raise NotImplementedError("vitscope analyses boolean attention masks only (no causal or additive float masks)")
+        if attn_mask is not None:
+            # A model that restricts its own attention (WinfT, windowed baselines) keeps doing so
+            # under analysis: its mask joins the plan's allowed keys.
+            plan = dataclasses.replace(plan, allowed=attn_mask if plan.allowed is None else plan.allowed & attn_mask)
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
