@@ -3,12 +3,15 @@
 Reports, for each image count:
 
 - the whole analyze step in *forward-equivalents*: its wall time divided by the time of one plain
-  forward pass (``ViT.logits``) over the same images at the same batch size (images decoded
-  beforehand, so the denominator is the model alone); also per part (chunk work and final steps);
+  forward pass (``ViT.logits``) over the same images at the same batch size (decoding excluded, so
+  the denominator is the model alone); also per part (chunk work and final steps). The plain
+  forward is timed right before and right after the analyze, in the same process, and the mean is
+  used, so a change in machine load during a long run biases the ratio less;
 - the peak resident memory (RSS) of the analyze process, and its ratio to the smallest count's.
 
-Every measurement runs in a fresh process, so imports and earlier runs do not leak into the peak
-memory. Usage::
+Each image count runs in a fresh process, so imports and earlier runs do not leak into the peak
+memory (the forward timing streams one batch at a time and stays far below the analyze's peak).
+Usage::
 
     python benchmarks/bench_analyze.py --images 100 1000          # the targets: <= 35 FE, RSS ratio <= 1.3
     python benchmarks/bench_analyze.py --images 100 200 --threads 2
@@ -39,15 +42,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def child_forward(n: int, batch_size: int) -> dict:
-    """Time one plain forward over the first ``n`` images (decoding excluded)."""
+def plain_forward(vit, images, batch_size: int) -> tuple[float, float]:
+    """Seconds of one plain forward over ``images`` (decoding excluded), and of decoding them."""
     import torch
 
-    import vitscope
-    from vitscope.data import iter_batches, load_images
+    from vitscope.data import iter_batches
 
-    vit = vitscope.load_model(MODEL, weights=WEIGHTS, device="cpu")
-    images = load_images(IMAGES, limit=n)
     forward = decode = 0.0
     t = time.perf_counter()
     with torch.no_grad():
@@ -57,19 +57,25 @@ def child_forward(n: int, batch_size: int) -> dict:
             vit.logits(b.x)
             forward += time.perf_counter() - t
             t = time.perf_counter()
-    return {"forward_s": forward, "decode_s": decode}
+    return forward, decode
 
 
-def child_analyze(n: int, batch_size: int, out: str) -> dict:
-    """Run the whole analyze on the first ``n`` images; wall time, peak RSS and per-part timings."""
+def child(n: int, batch_size: int, out: str) -> dict:
+    """Plain forward, the whole analyze on the first ``n`` images, plain forward again."""
+    import vitscope
     from vitscope.analysis.run import AnalyzeSettings, analyze
+    from vitscope.data import load_images
 
+    vit = vitscope.load_model(MODEL, weights=WEIGHTS, device="cpu")
+    images = load_images(IMAGES, limit=n)
+    before, decode = plain_forward(vit, images, batch_size)
     t = time.perf_counter()
-    run = analyze(MODEL, str(IMAGES), out, weights=str(WEIGHTS), limit=n, settings=AnalyzeSettings(batch_size=batch_size),
-                  overwrite=True, progress=False, device="cpu")
+    run = analyze(vit, str(IMAGES), out, limit=n, settings=AnalyzeSettings(batch_size=batch_size), overwrite=True, progress=False)
     wall = time.perf_counter() - t
-    return {"analyze_s": wall, "peak_rss_mb": _peak_rss_mb(), "timings": run.manifest.get("timings", {}),
-            "analysed": run.manifest["counts"]["analysed"]}
+    peak = _peak_rss_mb()
+    after, _ = plain_forward(vit, images, batch_size)
+    return {"analyze_s": wall, "peak_rss_mb": peak, "timings": run.manifest.get("timings", {}), "forward_before_s": before,
+            "forward_after_s": after, "forward_s": (before + after) / 2, "decode_s": decode, "analysed": run.manifest["counts"]["analysed"]}
 
 
 def _spawn(args: list[str], threads: int | None) -> dict:
@@ -87,7 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the run folders (default: a temporary folder)")
-    ap.add_argument("--child", choices=["forward", "analyze"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--run", type=str, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -95,11 +101,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    if a.child == "forward":
-        print(json.dumps(child_forward(a.n, a.batch_size)))
-        return
-    if a.child == "analyze":
-        print(json.dumps(child_analyze(a.n, a.batch_size, a.run)))
+    if a.child:
+        print(json.dumps(child(a.n, a.batch_size, a.run)))
         return
 
     if not WEIGHTS.exists() or not IMAGES.exists():
@@ -107,13 +110,13 @@ def main() -> None:
     out = a.out or Path(tempfile.mkdtemp(prefix="vitscope-bench-"))
     results = []
     for n in a.images:
-        fwd = _spawn(["--child", "forward", "--n", str(n), "--batch-size", str(a.batch_size)], a.threads)
-        res = _spawn(["--child", "analyze", "--n", str(n), "--batch-size", str(a.batch_size), "--run", str(out / f"run{n}")], a.threads)
-        res.update(fwd, n=n)
+        res = _spawn(["--child", "--n", str(n), "--batch-size", str(a.batch_size), "--run", str(out / f"run{n}")], a.threads)
+        res["n"] = n
         results.append(res)
         fe = res["analyze_s"] / res["forward_s"]
         print(f"\n{n} images: analyze {res['analyze_s']:.1f} s, one forward {res['forward_s']:.2f} s "
-              f"(decoding {res['decode_s']:.2f} s) -> {fe:.1f} forward-equivalents; peak RSS {res['peak_rss_mb']:.0f} MB")
+              f"(before {res['forward_before_s']:.2f} s, after {res['forward_after_s']:.2f} s; decoding {res['decode_s']:.2f} s) "
+              f"-> {fe:.1f} forward-equivalents; peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
         for part, secs in res["timings"].items():
             print(f"    {part:<16} {secs:8.1f} s  {secs / res['forward_s']:6.2f} FE")
     if len(results) > 1:

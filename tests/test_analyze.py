@@ -113,7 +113,7 @@ def _tiny_settings(**kw):
 
     # PCA instead of UMAP keeps the suite fast: UMAP compiles its numba kernels in every new process.
     # (Fewer than 10 images also give a PCA image overview.)
-    base = dict(batch_size=4, n_boot=200, n_clusters=3, curve_points=4, latent_dim=4, ae_epochs=5, projection="pca")
+    base = dict(batch_size=4, n_boot=200, n_clusters=3, curve_points=4, latent_dim=4, ae_epochs=5, ae_min_steps=40, projection="pca")
     base.update(kw)
     return AnalyzeSettings(**base)
 
@@ -410,7 +410,7 @@ def test_cli_resumes_after_sigkill(tiny, tmp_path, patterns_module):
     images = _make_images(tmp_path / "big", 9, size=1200, seed=1)  # large files: decoding paces the run
     model = str(tiny["model"])
     args = ["analyze", "--model", model, "--images", str(images), "--batch-size", "3", "--boot", "100", "--clusters", "3",
-            "--latent-dim", "4", "--projection", "pca", "--device", "cpu", "--threads", str(torch.get_num_threads()), "--quiet"]
+            "--latent-dim", "4", "--ae-epochs", "5", "--ae-min-steps", "40", "--projection", "pca", "--device", "cpu", "--threads", str(torch.get_num_threads()), "--quiet"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     ref = subprocess.run(_cli([*args, "--out", str(tmp_path / "ref")]), env=env, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
@@ -460,9 +460,9 @@ def deit_run(deit_weights, imagenet_images, tmp_path_factory, patterns_module):
     from vitscope.analysis.run import analyze
 
     paths, labels = imagenet_images
-    paths, labels = paths[:4], labels[:4]
+    paths, labels = paths[:2], labels[:2]
     out = tmp_path_factory.mktemp("deit") / "run"
-    settings = _tiny_settings(batch_size=4, n_clusters=4, latent_dim=8, curve_images=4, curve_points=3, ae_epochs=3)
+    settings = _tiny_settings(batch_size=2, n_clusters=4, latent_dim=8, curve_images=2, curve_points=3, ae_epochs=3)
     return analyze("deit_tiny_patch16_224", [str(p) for p in paths], out, weights=str(deit_weights), labels=labels,
                    settings=settings, progress=False, device="cpu")
 
@@ -471,7 +471,7 @@ def test_deit_tiny_run(deit_run, deit_tiny):
     run = open_run(deit_run.path)
     L, H = 12, 3
     assert (run.num_layers, run.num_heads) == (L, H)
-    assert len(run.images) == 4 and len(run.image_heads) == 4 * L * H
+    assert len(run.images) == 2 and len(run.image_heads) == 2 * L * H
     assert run.manifest["model"]["weights_sha256"] == "feb465dcfedcc2d9f508ad557ba587cd23f5d24994a4183a73658688e70cfb52"
     # predictions and one head's pruned probability against direct forwards of the loaded model
     im = run.images.iloc[1]
@@ -485,6 +485,6 @@ def test_deit_tiny_run(deit_run, deit_tiny):
         assert math.isclose(float(p), float(row["pruned_prob"].iloc[0]), rel_tol=1e-4, abs_tol=1e-7)
     # strength is bounded by ln 14 and the grids have the model's shape
     assert (run.image_heads["entropy"] <= math.log(14) + 1e-5).all()
-    assert run.array("pattern_inputs/cls").shape == (4, L, H, 2, 14, 14)
+    assert run.array("pattern_inputs/cls").shape == (2, L, H, 2, 14, 14)
     assert run.array("attention_mean").shape == (L, H, T, T)
     np.testing.assert_allclose(run.array("attention_mean")[...].sum(-1), 1.0, atol=1e-4)

@@ -416,3 +416,45 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         assert r1["test_count"] == r2["test_count"] == 16
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
         assert r1["test_accuracy"] == r2["test_accuracy"]
+
+
+def test_packaged_model_and_sample_agree_with_training_evaluation():
+    """The shipped weights classify the shipped sample PNGs exactly as the training loop's evaluation
+    classifies the same Fashion-MNIST test tensors."""
+    import csv
+
+    import vitscope
+    from vitscope.models.builtin import BUILTIN_MODELS, create_fmnist_vit_tiny
+
+    weights_path = BUILTIN_MODELS["fmnist_vit_tiny"].weights_path
+    sample = weights_path.parents[1] / "sample"
+    if not weights_path.exists() or not (sample / "labels.csv").exists():
+        pytest.skip("built-in weights or sample not generated (python scripts/train_builtin.py)")
+    if not fm.SYSTEM_ROOT.is_dir():
+        pytest.skip("Fashion-MNIST test split not installed")
+    from safetensors.torch import load_file
+
+    rows = list(csv.DictReader(open(sample / "labels.csv")))
+    assert len(rows) == 300 and [sum(int(r["label"]) == k for r in rows) for k in range(10)] == [30] * 10
+    assert all(r["label_name"] == fm.CLASSES[int(r["label"])] for r in rows)
+    index = [int(r["path"][4:9]) for r in rows]  # test<index>_<class>.png
+    x, y = fm.load_fashion_mnist("test")
+    assert y[index].tolist() == [int(r["label"]) for r in rows]
+    # First 30 of each class in test-set order.
+    for k in range(10):
+        assert [i for i in index if y[i] == k] == torch.nonzero(y == k).flatten()[:30].tolist()
+
+    vit = vitscope.load_model("fmnist_vit_tiny", device="cpu")
+    with torch.no_grad():
+        pred_png = vit.logits(vit.preprocess([sample / r["path"] for r in rows])).argmax(-1)
+    net = create_fmnist_vit_tiny()
+    net.load_state_dict(load_file(str(weights_path)))
+    cfg = data_config_for(net)
+    ref = evaluate(net, TensorImageDataset(x, y, cfg), cfg, indices=index)
+    with torch.no_grad():
+        from vitscope.train import normalize
+
+        pred_ref = net.eval()(normalize(x[index][:, None], cfg["mean"], cfg["std"])).argmax(-1)
+    assert torch.equal(pred_png, pred_ref)
+    assert int((pred_png == y[index]).sum()) == ref["correct"]
+    assert ref["accuracy"] > 0.85  # a trained model, not a random one (chance is 0.1)

@@ -67,6 +67,8 @@ class AnalyzeSettings:
             apart at one-patch resolution) or ``"patch"`` (the pooled thumbnail).
         latent_dim: size of the autoencoders' latent codes.
         ae_epochs: training epochs of each autoencoder.
+        ae_min_steps: at least this many optimiser steps per autoencoder (small image sets get
+            more epochs).
         ae_max_maps: at most this many (image, head) maps train each autoencoder (a seeded random
             subset, so the cost does not grow with the image set); every map is still encoded.
             0 = all maps.
@@ -84,15 +86,16 @@ class AnalyzeSettings:
     patch_input: str = "offset"
     latent_dim: int = 8
     ae_epochs: int = 20
+    ae_min_steps: int = 1000
     ae_max_maps: int = 10_000
     n_clusters: int = 10
     projection: str = "umap"
-    curve_images: int = 128
+    curve_images: int = 100
     curve_points: int = 7
 
     def validate(self) -> None:
         choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch")}
-        minimum = {"seed": 0, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "curve_points": 2}
+        minimum = {"seed": 0, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "ae_min_steps": 0, "curve_points": 2}
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in choices:
@@ -730,7 +733,8 @@ class _Driver:
         state_path = st.work_path(f"autoencoder_{kind}.pt")
         if not st.has_array(f"{pre}/codes"):
             maps = np.asarray(inputs[...]).reshape(M, *inputs.shape[3:])
-            ae = P.train_autoencoder(maps, latent_dim=s.latent_dim, epochs=s.ae_epochs, seed=s.seed, max_train=s.ae_max_maps or M)
+            ae = P.train_autoencoder(maps, latent_dim=s.latent_dim, epochs=s.ae_epochs, seed=s.seed, max_train=s.ae_max_maps or M,
+                                     min_steps=s.ae_min_steps)
             del maps
             _save_state(ae.state_dict(), state_path)
             codes = np.asarray(ae.codes, dtype=np.float32)

@@ -17,4 +17,5 @@ def fmnist_vit_tiny(pretrained: bool = False, **kwargs: Any):
         raise ValueError("use vitscope.load_model('fmnist_vit_tiny') for the trained weights")
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("cache_dir", None)
     return create_fmnist_vit_tiny(**kwargs)
