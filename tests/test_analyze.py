@@ -363,7 +363,7 @@ def test_rerun_is_a_no_op_and_other_commands_are_refused(tiny_run, tiny, tmp_pat
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("stage", ["chunk", "catalogue"])
+@pytest.mark.parametrize("stage", ["chunk", "curves", "catalogue", "overview"])
 def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_path, monkeypatch):
     """An exception in any stage, then the same call again: equal to the uninterrupted run, no redone chunks."""
     from vitscope.analysis import importance, run as run_mod

@@ -402,6 +402,66 @@ def _figure_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Figure"]
                      "size and a generated name.", lambda kind=kind: fig_prototypes(run, kind)))
     plan.append(("image_overview", "Image overview", "Images placed by their vectors of per-head pruned probabilities; "
                  "colour is the class.", lambda: fig_overview(run)))
+    plan += _interaction_plan(run)
+    return plan
+
+
+# ------------------------------------------------------------------ patch interactions (Paper 2)
+def _run_layout(run: "Run") -> Any:
+    """The model's token layout, rebuilt from the manifest (the figures need the patch grid)."""
+    from vitscope.models.layout import TokenLayout
+
+    lay = run.manifest["model"]["layout"]
+    return TokenLayout(
+        num_prefix=int(lay["num_prefix"]),
+        cls_index=lay.get("cls_index"),
+        dist_index=lay.get("dist_index"),
+        register_indices=tuple(lay.get("register_indices") or ()),
+        grid=(int(lay["grid"][0]), int(lay["grid"][1])),
+        patch_size=(int(lay["patch_size"][0]), int(lay["patch_size"][1])),
+    )
+
+
+def _field_stats(run: "Run") -> dict[str, np.ndarray]:
+    """Mean per-image field arrows and sizes ``(L, P)`` from the run's ``field_image_*`` arrays."""
+    return {k: np.asarray(run.array(f"field_image_{k}")[...], dtype=float) for k in ("dx", "dy", "size")}
+
+
+def _interaction_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Figure"]]]:
+    """Figures of a run analysed with ``--interactions`` (none otherwise), each only when its data exists."""
+    from vitscope import figures_interaction as fi
+
+    plan: list[tuple[str, str, str, Callable[[], "Figure"]]] = []
+    names = set(run.arrays())
+    if {"field_image_dx", "field_image_dy", "field_image_size"} <= names:
+        n = int(run.manifest.get("counts", {}).get("analysed") or 0)
+        plan.append(("field_arrows", "Responsive fields: arrows", "For every query patch, an arrow towards the centroid of "
+                     f"its responsive field (the keys carrying half of its positive first-order impact), averaged over {n} "
+                     "images; colour is the mean field size, crosses mark empty fields. Arrows are scaled alike in all panels.",
+                     lambda: fi.plot_field_arrows(_field_stats(run), _run_layout(run))))
+        plan.append(("field_flow", "Responsive fields: flow colours", "The same mean arrows as colours: hue is the direction, "
+                     "saturation the length (key at the end); grey = empty field.",
+                     lambda: fi.plot_flow_colours(_field_stats(run), _run_layout(run))))
+    if run.has_table("field_image_layers"):
+        plan.append(("field_growth", "Responsive fields by layer", "Per layer: field size, distances (extent, spread, arrow "
+                     "length, in patches) and direction (coherence of the arrows, lean towards the image centre), from "
+                     "per-image fields.", lambda: fi.plot_field_growth(run.table("field_image_layers"))))
+    if run.has_table("window_curve"):
+        plan.append(("window_curve", "Window design", "Accuracy when every layer's attention is restricted to a key budget: "
+                     "square windows, and keys ranked by mean first-order impact measured on other images (per layer, "
+                     "or pooled over layers). Dashed: unrestricted attention.", lambda: fi.plot_window_curve(run.table("window_curve"))))
+    if run.has_table("removal_curve"):
+        plan.append(("removal_curve", "Patch-token removal", "Accuracy as the lowest-ranked patch tokens are dropped after "
+                     "embedding: ranked by each image's first-order key importance, by the importance averaged over other "
+                     "images, by CLS attention, and at random (band: min-max over seeds).",
+                     lambda: fi.plot_removal_curve(run.table("removal_curve"))))
+    if run.has_table("interaction_agreement"):
+        from vitscope.analysis.interaction import agreement_summary
+
+        plan.append(("interaction_agreement", "First-order estimate vs knock-out", "Spearman correlation, per layer, between "
+                     "the first-order impacts of a query's edges and the exact loss change of knocking each edge out "
+                     "(mean +- s.e. over images and sampled queries).",
+                     lambda: fi.plot_agreement(agreement_summary(run.table("interaction_agreement")))))
     return plan
 
 

@@ -52,6 +52,39 @@ CURVE_METRICS: tuple[str, ...] = (*imp.METRICS, "random")
 
 
 # ============================================================================ settings
+#: Settings that are switches (validated as bools, not integers).
+_BOOL_SETTINGS = ("interactions",)
+#: False-discovery level of the interaction and field significance tests.
+INTERACTION_Q = 0.05
+#: Zarr array of the interaction summary -> its key in ``InteractionAccumulator.summary()``.
+INTERACTION_ARRAYS = {
+    "mean": "interaction_mean",
+    "std": "interaction_std",
+    "sem": "interaction_sem",
+    "p_value": "interaction_p",
+    "q_value": "interaction_q",
+    "significant": "interaction_significant",
+    "abs_mean": "interaction_abs_mean",
+}
+#: Estimate-vs-knock-out agreement: images, random patch queries per layer (plus CLS), and at most
+#: this many random keys per layer (all keys on grids up to this size): knock-outs cost one forward each.
+AGREEMENT_IMAGES = 4
+AGREEMENT_QUERIES = 2
+AGREEMENT_KEYS = 64
+#: The Parquet tables written by ``interactions=True``.
+INTERACTION_TABLES = (
+    "interaction_layers",
+    "field_image_queries",
+    "field_image_layers",
+    "field_queries",
+    "field_layers",
+    "window_curve",
+    "removal_curve",
+    "removal_summary",
+    "interaction_agreement",
+)
+
+
 @dataclass(frozen=True)
 class AnalyzeSettings:
     """Everything that decides a run's numbers besides the model and the images.
@@ -77,6 +110,10 @@ class AnalyzeSettings:
         curve_images: images (a seeded random subset) used for the cumulative pruning curves,
             which cost about one forward per curve point and metric; 0 = all images.
         curve_points: number of points ``k`` (heads removed) on each pruning curve.
+        interactions: also compute Paper 2's patch interactions (first-order edge impacts with
+            significance), responsive fields, the window-design curve, the patch-removal curve and
+            the estimate-vs-knock-out agreement (about 3 extra forward-equivalents per image, plus
+            the curves on at most ``curve_images`` images); see docs/interactions.md.
     """
 
     batch_size: int = 32
@@ -92,12 +129,17 @@ class AnalyzeSettings:
     projection: str = "umap"
     curve_images: int = 100
     curve_points: int = 7
+    interactions: bool = False
 
     def validate(self) -> None:
         choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch")}
         minimum = {"seed": 0, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "ae_min_steps": 0, "curve_points": 2}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name in _BOOL_SETTINGS:
+                if not isinstance(v, bool):
+                    raise ValueError(f"{f.name} must be True or False, got {v!r}")
+                continue
             if f.name in choices:
                 if v not in choices[f.name]:
                     raise ValueError(f"{f.name} must be one of {', '.join(choices[f.name])}; got {v!r}")
@@ -362,6 +404,8 @@ def analyze(
         old = store.read_manifest()
         if overwrite:
             store.clear()
+            for name in INTERACTION_TABLES:  # not among the store's core tables, so cleared here
+                store.table_path(name).unlink(missing_ok=True)
         elif old.get("fingerprint") != manifest["fingerprint"]:
             raise RunMismatchError(
                 f"{store.path} holds a run made by a different command ({describe_mismatch(old, manifest)}). "
@@ -533,8 +577,13 @@ class _Driver:
                 analyze_batch(self.vit, b.x, b.labels, b.image_ids, pattern_size=self.settings.pattern_size, timings=self.timings)
                 for b in batches
             ]
+            if self.settings.interactions:
+                with self.clock("interactions"):
+                    self._interaction_chunk(i, batches, results)
             with self.clock("write_chunks"):
                 self._write_chunk(i, records, batches, results, failures)
+            if self.settings.interactions:
+                self._drop_old_interaction_states(i)
             prog.advance(task, len(records))
 
     def _write_chunk(self, index: int, records: Sequence["ImageRecord"], batches: Sequence["Batch"], results: Sequence[BatchResult], failures: list[dict[str, Any]]) -> None:
@@ -582,7 +631,7 @@ class _Driver:
 
     def finish(self, prog: Any) -> None:
         cats = self.catalogues()
-        steps = ["gather", "summaries", "curves", *[f"patterns ({k})" for k in cats], "overview", "tables"]
+        steps = ["gather", "summaries", "curves", *[f"patterns ({k})" for k in cats], "overview", *(["interactions"] if self.settings.interactions else []), "tables"]
         task = prog.add_task("final steps", total=len(steps))
         st = self.store
 
@@ -609,6 +658,9 @@ class _Driver:
             dominant.append(dom)
         with step("overview", "image overview"):
             overview = self._overview(images_base, image_heads)
+        if self.settings.interactions:
+            with step("interactions", "patch interactions"):
+                self._interactions(images_base)
 
         prog.update(task, description="final steps: writing tables")
         start = time.perf_counter()
@@ -634,6 +686,127 @@ class _Driver:
         st.remove_chunks()
         prog.advance(task)
         prog.update(task, description="final steps: done")
+
+    # interactions (Paper 2, opt-in) --------------------------------------
+    def _interaction_state_path(self, index: int) -> Path:
+        return self.store.work_path(f"interactions/state_{index:05d}.npz")
+
+    def _load_interaction_state(self, index: int) -> tuple[Any, Any]:
+        """The running ``(InteractionAccumulator, FieldAccumulator)`` after chunk ``index`` (empty for ``-1``)."""
+        from vitscope.analysis.fields import FieldAccumulator
+        from vitscope.analysis.interaction import InteractionAccumulator
+
+        vit = self.vit
+        if index < 0:
+            return InteractionAccumulator.for_model(vit), FieldAccumulator(vit.num_layers, vit.layout)
+        path = self._interaction_state_path(index)
+        if not path.is_file():
+            raise NotARunError(f"{self.store.path} lacks the interaction statistics of chunk {index} ({path}); the folder is damaged: rerun with --overwrite")
+        with np.load(path) as z:
+            state = {k: z[k] for k in z.files}
+
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+        return InteractionAccumulator.from_state(part("interaction.")), FieldAccumulator.from_state(part("field."), vit.layout)
+
+    def _interaction_chunk(self, index: int, batches: Sequence["Batch"], results: Sequence[BatchResult]) -> None:
+        """First-order impacts of one chunk: per-image key importance goes into the chunk's arrays, the
+        running accumulators (state after this chunk) into ``work/interactions/``.
+
+        The state file is written before the chunk folder appears, so every finished chunk has its state;
+        a redone chunk starts again from the previous chunk's state, so resuming gives the same numbers.
+        """
+        from vitscope.analysis.interaction import first_order_impact, key_importance
+
+        inter, field = self._load_interaction_state(index - 1)
+        for b, res in zip(batches, results):
+            r = first_order_impact(self.vit, b.x, res.images["target"].to_numpy(dtype=np.int64))
+            inter.update(r)
+            field.update(r["impact"])
+            res.arrays["interaction_key_importance"] = key_importance(r["impact"], r["prefix_impact"]).astype(np.float32)
+        state = {f"interaction.{k}": np.asarray(v) for k, v in inter.state().items()}
+        state.update({f"field.{k}": np.asarray(v) for k, v in field.state().items()})
+        path = self._interaction_state_path(index)
+        tmp = files.tmp_sibling(path)
+        with open(tmp, "wb") as f:
+            np.savez(f, **state)
+        files.publish(tmp, path)
+
+    def _drop_old_interaction_states(self, index: int) -> None:
+        """Only the newest state is needed once chunk ``index`` is written; older ones are deleted."""
+        folder = self.store.work_path("interactions/x").parent
+        for p in folder.glob("state_*.npz"):
+            if int(p.stem.split("_")[1]) < index:
+                p.unlink(missing_ok=True)
+
+    def interaction_subsets(self, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(fit, evaluate)`` images of the window and removal curves: the seeded curve subset
+        (:meth:`curve_subset`), every second image ranking keys, the others evaluated."""
+        subset = self.curve_subset(images)
+        return subset.iloc[0::2], subset.iloc[1::2]
+
+    def _interaction_batches(self, images: pd.DataFrame) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        by_id = {r.image_id: r for r in self.records}
+        targets = dict(zip(images["image_id"].astype(int), images["target"].astype(int)))
+        for b in self._decode([by_id[int(i)] for i in images["image_id"]], lambda rec, why: None):
+            yield b.x, torch.tensor([targets[i] for i in b.image_ids])
+
+    def _interactions(self, images: pd.DataFrame) -> None:
+        """Paper 2's set-level outputs; each part is skipped when written, ``interaction_agreement`` last."""
+        from vitscope.analysis import fields as fld
+        from vitscope.analysis import interaction as itr
+        from vitscope.analysis import windows as win
+
+        st, s, vit = self.store, self.settings, self.vit
+        lay = vit.layout
+        P = lay.num_patches
+        if st.has_table("interaction_agreement"):
+            return
+        if not st.has_array("interaction_key_importance"):
+            parts = [st.read_chunk_array(i, "interaction_key_importance") for i in range(self.n_chunks) if st.has_chunk_array(i, "interaction_key_importance")]
+            st.write_array("interaction_key_importance", np.concatenate(parts), chunks=(min(len(images), 1024), P),
+                           attrs={"dims": ["image", "key_patch"], "image_order": "images.parquet rows",
+                                  "what": "first-order impact of each key patch summed over queries and layers"})
+        if not st.has_table("field_layers"):  # written last in this block
+            inter, field = self._load_interaction_state(self.n_chunks - 1)
+            summ = inter.summary(q=INTERACTION_Q)
+            attrs = {"dims": ["layer", "query_patch", "key_patch"], "images": int(inter.count), "q": INTERACTION_Q}
+            for key, name in INTERACTION_ARRAYS.items():
+                data = np.asarray(summ[key])
+                st.write_array(name, data.astype(np.uint8) if data.dtype == bool else data, chunks=(1, P, P), attrs=attrs)
+            st.write_table("interaction_layers", itr.interaction_layer_table(summ, lay))
+            fs = field.summary(q=INTERACTION_Q)
+            for k in ("dx", "dy", "size"):
+                st.write_array(f"field_image_{k}", np.asarray(fs[k], dtype=np.float64),
+                               attrs={"dims": ["layer", "query_patch"], "what": f"mean per-image responsive-field {k}"})
+            st.write_table("field_image_queries", fld.field_frame(fs, lay))
+            st.write_table("field_image_layers", fld.field_layer_summary(fs, lay))
+            _, stats = fld.responsive_fields(summ, lay)
+            st.write_table("field_queries", fld.field_frame(stats, lay))
+            st.write_table("field_layers", fld.field_layer_summary(stats, lay))
+        fit, evaluate = self.interaction_subsets(images)
+        if len(fit) >= 2 and len(evaluate) >= 1 and not (st.has_table("window_curve") and st.has_table("removal_curve")):
+            # Rankings come from the fit half only, so the curves measure them on images they never saw.
+            acc = itr.InteractionAccumulator.for_model(vit)
+            for x, t in self._interaction_batches(fit):
+                acc.update(itr.first_order_impact(vit, x, t))
+            ranking = acc.summary(q=INTERACTION_Q)
+            if not st.has_table("window_curve"):
+                st.write_table("window_curve", win.window_curve(vit, self._interaction_batches(evaluate), ranking["mean"], seed=s.seed))
+            if not st.has_table("removal_curve"):
+                rc = win.removal_curve(vit, self._interaction_batches(evaluate), dataset_scores=ranking["key_importance_mean"],
+                                       seeds=(s.seed, s.seed + 1, s.seed + 2))
+                st.write_table("removal_summary", win.removal_summary(rc))
+                st.write_table("removal_curve", rc)
+        pick = (evaluate if len(evaluate) else images).iloc[:AGREEMENT_IMAGES]
+        xs, ts = zip(*self._interaction_batches(pick))
+        agreement = itr.knockout_agreement(vit, torch.cat(xs), torch.cat(ts), queries_per_layer=min(AGREEMENT_QUERIES, P),
+                                           keys=None if P <= AGREEMENT_KEYS else AGREEMENT_KEYS, seed=s.seed)
+        agreement.insert(2, "image_id", pick["image_id"].to_numpy(dtype=np.int64)[agreement["image"].to_numpy()])
+        st.write_table("interaction_agreement", agreement)
+        path = self._interaction_state_path(self.n_chunks - 1)
+        path.unlink(missing_ok=True)
 
     # gather ---------------------------------------------------------------
     def _gather(self) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:

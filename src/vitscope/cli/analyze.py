@@ -35,6 +35,12 @@ def analyze(
     n_clusters: int = typer.Option(10, "--clusters", min=1, help="pattern clusters per catalogue (patch-to-patch, CLS)"),
     projection: str = typer.Option("umap", "--projection", help="2-D projection of the pattern codes: umap, tsne or pca"),
     curve_images: int = typer.Option(100, "--curve-images", min=0, help="images (seeded subset) for the cumulative pruning curves; 0 = all"),
+    interactions: bool = typer.Option(
+        False,
+        "--interactions/--no-interactions",
+        help="also compute paper 2's patch interactions, responsive fields, window design and patch removal "
+        "(about 3 extra forward-equivalents per image, plus curves)",
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
     workers: int = typer.Option(0, "--workers", min=0, help="image-decoding worker processes"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)"),
@@ -66,6 +72,7 @@ def analyze(
             n_clusters=n_clusters,
             projection=projection,
             curve_images=curve_images,
+            interactions=interactions,
         )
         settings.validate()
     except ValueError as e:

@@ -12,7 +12,7 @@ import pandas as pd
 import zarr
 
 from vitscope.store.errors import NotARunError, UnfinishedRunError
-from vitscope.store.layout import FORMAT_VERSION, STATUS_COMPLETE
+from vitscope.store.layout import FORMAT_VERSION, STATUS_COMPLETE, TABLES
 from vitscope.store.writer import RunStore
 
 #: The pattern catalogues a run can hold: patch->patch attention, and CLS attention (models with a CLS token).
@@ -82,6 +82,19 @@ class Run:
     def _table(self, name: str) -> pd.DataFrame:
         if not self.store.has_table(name):
             raise NotARunError(f"run {self.path} is missing {name}.parquet; the folder is damaged, rerun `vitscope analyze` with --overwrite")
+        return self.store.read_table(name)
+
+    def has_table(self, name: str) -> bool:
+        """Whether the run holds ``<name>.parquet`` (optional tables such as ``window_curve`` exist only
+        for runs made with ``--interactions``)."""
+        return self.store.has_table(name)
+
+    def table(self, name: str) -> pd.DataFrame:
+        """Any table of the run by name, e.g. ``"interaction_layers"`` or ``"window_curve"`` (read each call)."""
+        if not self.store.has_table(name):
+            have = sorted(p.stem for p in self.path.glob("*.parquet"))
+            hint = " (interaction tables need `vitscope analyze --interactions`)" if name not in TABLES else ""
+            raise KeyError(f"run {self.path} has no table {name!r}{hint}; it has: {', '.join(have) or 'none'}")
         return self.store.read_table(name)
 
     @cached_property
