@@ -121,7 +121,7 @@ def test_numbers_match_a_direct_computation(run):
     vit = load_model("fmnist_vit_tiny", device="cpu")
     image_set = load_images("sample", limit=N_IMAGES, class_names=vit.class_names)
     x = torch.cat([b.x for b in iter_batches(image_set.records, vit.preprocessing, batch_size=N_IMAGES)])
-    targets = run.images["target"].to_numpy()
+    targets = np.array(run.images["target"], dtype=np.int64)
     r = first_order_impact(vit, x, targets)  # every image in one batch, unlike the chunked run
     impact = r["impact"].astype(np.float64)
     np.testing.assert_allclose(run.array("interaction_mean")[...], impact.mean(0), rtol=1e-5, atol=1e-7)

@@ -31,6 +31,10 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 import pandas as pd
 import torch
+
+from vitscope.analysis.inputs import Targets
+from vitscope.analysis.inputs import as_batch as _as_batch
+from vitscope.analysis.inputs import resolve_targets as _resolve_targets
 import torch.nn.functional as F
 
 from vitscope.capture.masks import REGIONS, region_matrix
@@ -45,39 +49,10 @@ MODES: tuple[str, ...] = ("none",) + REGIONS
 #: Head-level metrics produced by :func:`summarize_importance` (larger = more important).
 METRICS: tuple[str, ...] = ("acc_drop", "prob_drop", "loss_increase", "layer_change", "taylor")
 
-Targets = Union[None, int, Sequence[int], np.ndarray, torch.Tensor]
 HeadOrder = Union[Sequence[tuple[int, int]], pd.DataFrame]
 
 
 # --------------------------------------------------------------------------- helpers
-def _as_batch(vit: "ViT", x: Any) -> torch.Tensor:
-    """A preprocessed ``(B, C, H, W)`` tensor on the model's device and dtype."""
-    if not (isinstance(x, torch.Tensor) and x.ndim == 4):
-        x = vit.preprocess(x)
-    param = next(vit.module.parameters())
-    return x.to(param.device, dtype=param.dtype)
-
-
-def _resolve_targets(targets: Targets, prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Targets as a long tensor; ``None`` or ``-1`` entries become the unpruned prediction."""
-    B = prediction.shape[0]
-    if targets is None:
-        return prediction.clone()
-    t = torch.as_tensor(np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets), dtype=torch.long)
-    if t.ndim == 0:
-        t = t.expand(B)
-    if t.shape != (B,):
-        raise ValueError(f"targets must hold one class index per image ({B}), got shape {tuple(t.shape)}")
-    t = t.to(prediction.device)
-    bad = (t < -1) | (t >= num_classes)
-    if bool(bad.any()):
-        raise ValueError(
-            f"targets {t[bad].tolist()} are not class indices of this {num_classes}-class model; "
-            "use -1 to mean 'the unpruned prediction'"
-        )
-    return torch.where(t < 0, prediction, t)
-
-
 def _check_head(vit: "ViT", layer: int, head: int) -> None:
     if not 0 <= int(layer) < vit.num_layers:
         raise ValueError(f"layer {layer} out of range: {vit.name} has layers 0..{vit.num_layers - 1}")

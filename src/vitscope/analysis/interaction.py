@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 import pandas as pd
 import torch
+
+from vitscope.analysis.inputs import Targets, as_batch, resolve_targets
 import torch.nn.functional as F
 
 from vitscope.capture.runtime import LayerPlan
@@ -57,39 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from vitscope.models.layout import TokenLayout
     from vitscope.models.vit import ViT
 
-Targets = Union[None, int, Sequence[int], np.ndarray, torch.Tensor]
 Indices = Union[None, int, Sequence[int], np.ndarray]
 
 
 # --------------------------------------------------------------------------- helpers
-def as_batch(vit: "ViT", x: Any) -> torch.Tensor:
-    """A preprocessed ``(B, C, H, W)`` tensor on the model's device and dtype (images are preprocessed first)."""
-    if not (isinstance(x, torch.Tensor) and x.ndim == 4):
-        x = vit.preprocess(x)
-    param = next(vit.module.parameters())
-    return x.to(param.device, dtype=param.dtype)
-
-
-def resolve_targets(targets: Targets, prediction: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Targets as a long tensor on ``prediction``'s device; ``None`` or ``-1`` entries become the prediction."""
-    B = prediction.shape[0]
-    if targets is None:
-        return prediction.clone()
-    t = torch.as_tensor(np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets), dtype=torch.long)
-    if t.ndim == 0:
-        t = t.expand(B)
-    if t.shape != (B,):
-        raise ValueError(f"targets must hold one class index per image ({B}), got shape {tuple(t.shape)}")
-    t = t.to(prediction.device)
-    bad = (t < -1) | (t >= num_classes)
-    if bool(bad.any()):
-        raise ValueError(
-            f"targets {t[bad].tolist()} are not class indices of this {num_classes}-class model; "
-            "use -1 to mean 'the model's own prediction'"
-        )
-    return torch.where(t < 0, prediction, t)
-
-
 def split_batch(batch: Any) -> tuple[Any, Targets]:
     """``x``, ``(x, targets)`` or a :class:`vitscope.data.Batch` -> ``(x, targets)``."""
     if hasattr(batch, "x") and hasattr(batch, "labels"):

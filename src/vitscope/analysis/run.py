@@ -721,7 +721,7 @@ class _Driver:
 
         inter, field = self._load_interaction_state(index - 1)
         for b, res in zip(batches, results):
-            r = first_order_impact(self.vit, b.x, res.images["target"].to_numpy(dtype=np.int64))
+            r = first_order_impact(self.vit, b.x, np.array(res.images["target"], dtype=np.int64))
             inter.update(r)
             field.update(r["impact"])
             res.arrays["interaction_key_importance"] = key_importance(r["impact"], r["prefix_impact"]).astype(np.float32)

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from vitscope.analysis.interaction import as_batch, first_order_impact, key_importance, resolve_targets, split_batch
 from vitscope.capture.runtime import LayerPlan
