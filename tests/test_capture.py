@@ -176,7 +176,6 @@ def test_masking_nothing_changes_nothing(random_vit):
 def test_batched_masks_equal_individual_runs(random_vit):
     torch.manual_seed(3)
     x = torch.randn(1, 3, 32, 32)
-    T = random_vit.num_tokens
     regions = [region_matrix(r, random_vit.layout) for r in REGIONS]
     batched = random_vit.logits(x.expand(len(regions), -1, -1, -1), masks={(1, 0): torch.stack(regions)})
     for i, r in enumerate(REGIONS):
