@@ -349,3 +349,25 @@ def test_experiment_summary_matches_direct_formulas():
     table = markdown_table(results)
     assert "| winft | responsive-field masks | 7.10 | 85.5% | 3.25 | 85.00 ± 2.65 (n=3) | 84.00, 83.00, 88.00 | 1.0 min |" in table
     assert "| winft − window | +0.67 ± 1.53 | +1.00, -1.00, +2.00 |" in table
+
+
+def test_report_draws_the_masks_of_an_analysed_winft(tmp_path):
+    """`vitscope report` on a run of a WinfT weights file draws the model's masks."""
+    import timm
+    import torch
+
+    import vitscope
+    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.models.builtin import fmnist_pretrained_cfg
+    from vitscope.report import write_report
+    from vitscope.train import ModelSpec, save_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model("winft_fmnist_tiny", window=3)
+    path = tmp_path / "winft.safetensors"
+    save_weights(model, path, ModelSpec("winft_fmnist_tiny", {"window": 3}), fmnist_pretrained_cfg(), [str(i) for i in range(10)])
+    settings = AnalyzeSettings(batch_size=8, n_boot=20, curve_images=8, curve_points=2, ae_epochs=1, ae_min_steps=5, projection="pca", n_clusters=2)
+    run = vitscope.analyze(str(path), "sample", tmp_path / "run", limit=8, settings=settings, device="cpu", progress=False)
+    index = write_report(run)
+    assert (index.parent / "winft_masks.png").exists() and (index.parent / "winft_mask_budget.svg").exists()
+    assert "winft_masks.png" in index.read_text()

@@ -482,9 +482,33 @@ def write_report(run: Union["Run", str, Path], out: Union[str, Path, None] = Non
         fig = make()
         _save(fig, folder, stem)
         entries.append(FigureEntry(stem, title, caption))
+    entries += _winft_mask_figures(run, folder)
     index = folder / "index.html"
     index.write_text(_html(run, entries), encoding="utf-8")
     return index
+
+
+def _winft_mask_figures(run: "Run", folder: Path) -> list[FigureEntry]:
+    """When the analysed model is a WinfT (a weights file written by ``vitscope train``), draw its masks."""
+    spec = str(run.manifest.get("model", {}).get("spec", ""))
+    path = Path(spec)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    from vitscope.models.loader import META_ARCH
+
+    with safe_open(str(path), framework="pt") as f:
+        arch = (f.metadata() or {}).get(META_ARCH, "")
+    if not arch.startswith("winft"):
+        return []
+    from vitscope.models.winft import draw_winft_masks
+
+    draw_winft_masks(path, folder)
+    return [
+        FigureEntry("winft_masks", "WinfT attention masks", "Allowed keys (from the reference model's responsive fields) of a few query patches, per layer; CLS attends and is attended globally."),
+        FigureEntry("winft_mask_budget", "WinfT key budget by layer", "Mean number of patch keys each query may attend to, per layer."),
+    ]
 
 
 def _html(run: "Run", entries: list[FigureEntry]) -> str:
