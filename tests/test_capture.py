@@ -378,3 +378,13 @@ def test_model_with_its_own_boolean_mask_is_captured_exactly(random_vit):
     ref = masked.readout(masked.run_blocks(masked.embed(x), plans={}))
     logits, _ = masked.run_with_cache(x)
     assert (logits - ref).abs().max().item() < 1e-5
+
+
+def test_attention_into_a_reused_buffer(random_vit):
+    x = torch.randn(2, 3, 32, 32)
+    first = random_vit.attention(x)
+    again = random_vit.attention(torch.randn(2, 3, 32, 32), out=first)
+    assert again.data_ptr() == first.data_ptr()
+    assert torch.equal(random_vit.attention(x, out=again), random_vit.attention(x))
+    with pytest.raises(ValueError, match="out must be"):
+        random_vit.attention(torch.randn(3, 3, 32, 32), out=first)

@@ -164,15 +164,26 @@ class ViT:
         return self.readout(self.run_blocks(self.backend.embed(x), plans=plans))
 
     @torch.no_grad()
-    def attention(self, x: Inputs, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Every post-softmax attention map, ``(B, L, H, T, T)`` (or ``(B, len(layers), H, T, T)``)."""
+    def attention(self, x: Inputs, layers: Optional[Sequence[int]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every post-softmax attention map, ``(B, L, H, T, T)`` (or ``(B, len(layers), H, T, T)``).
+
+        ``out``: a tensor returned by an earlier call with the same shapes, to be overwritten.
+        Reusing it in a loop over batches saves allocating (and the OS zeroing) a fresh
+        ``B·L·H·T²`` buffer for every batch.
+        """
         x = self._input(x)
         sel = self._layers(layers)
         index = {layer: i for i, layer in enumerate(sel)}
         # Layer-major storage: each layer's maps are written in place by the kernel (no copy);
         # the returned tensor is a (B, L, H, T, T) view of it.
         dtype = next(self.module.parameters()).dtype
-        store = torch.empty(len(sel), x.shape[0], self.num_heads, self.num_tokens, self.num_tokens, device=x.device, dtype=dtype)
+        shape = (len(sel), x.shape[0], self.num_heads, self.num_tokens, self.num_tokens)
+        if out is not None:
+            store = out.transpose(0, 1)
+            if tuple(store.shape) != shape or not store.is_contiguous() or store.dtype != dtype or store.device != x.device:
+                raise ValueError(f"out must be a tensor returned by an earlier attention() call of shape {(shape[1], shape[0], *shape[2:])}")
+        else:
+            store = torch.empty(shape, device=x.device, dtype=dtype)
         seen: set[int] = set()
 
         def mark(layer: int, attn: torch.Tensor) -> None:
