@@ -16,6 +16,17 @@ IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: its many small forwards are dominated by thread start-up
+    otherwise (badly so on a busy machine). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (set VITSCOPE_SHARED to the shared data folder)")

@@ -97,14 +97,8 @@ def assert_runs_equal(a, b, tol: float = 1e-6) -> None:
         assert a.manifest[key] == b.manifest[key], key
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's small models on one thread: on a busy machine, tiny ops on two threads spend
-    most of their time waiting for each other (a 50x slowdown was measured on a shared two-core box)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Many small forwards: one thread avoids thread start-up costs (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,8 @@ INTERACTION_ARRAYS = ("interaction_mean", "interaction_std", "interaction_sem", 
                       "field_image_dx", "field_image_dy", "field_image_size")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models run faster on one thread on a shared machine (see tests/test_analyze.py)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Many small forwards: one thread avoids thread start-up costs (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _settings(**kw):

@@ -24,13 +24,8 @@ from vitscope.capture.runtime import LayerPlan
 SWEEP_KEYS = ("base_prob", "base_loss", "pruned_prob", "pruned_loss")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run many small forwards, where thread start-up dominates (badly on a busy machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Many small forwards: one thread avoids thread start-up costs (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,8 @@ from vitscope.analysis.interaction import (
 from vitscope.capture.runtime import LayerPlan
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny forwards: thread start-up would dominate on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Many small forwards: one thread avoids thread start-up costs (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_analyze import _make_images, _save_tiny_model, _tiny_settings, one_thread  # noqa: E402,F401
+from test_analyze import _make_images, _save_tiny_model, _tiny_settings  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

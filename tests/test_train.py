@@ -36,13 +36,7 @@ TINY_ARGS = dict(img_size=28, patch_size=7, in_chans=1, embed_dim=16, depth=2, n
 FAST = dict(batch_size=32, lr=3e-3, warmup_epochs=0.5, eval_batch_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run fastest on one thread, and leave the other core to the rest of the machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pattern_images(n: int, seed: int, size: int = 28, channels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,12 +27,8 @@ from vitscope.analysis.windows import (
 from vitscope.models.layout import TokenLayout
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# Many small forwards: one thread avoids thread start-up costs (shared fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ from vitscope.models.winft import (
 FMNIST_LAYOUT = TokenLayout(1, 0, None, (), (7, 7), (4, 4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chebyshev_window(grid: tuple[int, int], k: int, num_prefix: int = 1) -> torch.Tensor:
