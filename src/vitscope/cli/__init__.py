@@ -16,6 +16,7 @@ app = typer.Typer(
 from vitscope.cli import demo, info  # noqa: E402,F401
 from vitscope.cli import train  # noqa: E402,F401
 from vitscope.cli import analyze  # noqa: E402,F401
+from vitscope.cli import serve  # noqa: E402,F401
 
 
 def main() -> None:

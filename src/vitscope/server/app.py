@@ -1,0 +1,270 @@
+"""The web app's server: a FastAPI application over one finished run (docs/api.md).
+
+:func:`create_app` builds it; ``vitscope serve``, ``vitscope demo`` and :func:`vitscope.show` run it
+with uvicorn. Requests for the run's own data are plain (threadpool) endpoints; live model queries
+are ``async`` endpoints that await the single model worker (:mod:`vitscope.server.live`), so a slow
+model query never holds up the static views.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vitscope.server.data import RunData, array_headers, parse_image_id, to_wire
+from vitscope.server.errors import ApiError, bad_parameter, not_found
+from vitscope.server.live import LiveModel
+from vitscope.server.static import NOT_BUILT_PAGE, STATIC_DIR, media_type, safe_file
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+_CLIENT_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def create_app(
+    run: Any,
+    vit: Any = None,
+    *,
+    live_reason: Optional[str] = None,
+    live_warning: Optional[str] = None,
+    static_dir: Optional[Path] = None,
+) -> FastAPI:
+    """The web app and its API over ``run`` (a :class:`vitscope.store.Run` or a run folder).
+
+    ``vit``: the run's model, loaded (see :func:`vitscope.server.live.load_live_model`), for live
+    queries; without it live queries answer ``409 no_model`` with ``live_reason``.
+    ``static_dir``: the built app (default: the one inside the package).
+    """
+    data = RunData(run)
+    live = LiveModel(data, vit, reason=live_reason, warning=live_warning)
+    static_root = Path(static_dir) if static_dir is not None else STATIC_DIR
+
+    app = FastAPI(title="vitscope", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.data = data
+    app.state.live = live
+    app.state.static_root = static_root
+
+    # ---------------------------------------------------------------- errors
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.to_json(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return JSONResponse({"error": "not_found", "detail": f"nothing is served at {request.url.path}; see docs/api.md"}, status_code=404)
+        if exc.status_code == 405:
+            return JSONResponse({"error": "method_not_allowed", "detail": f"{request.method} is not allowed here; the API is read-only (GET)"}, status_code=405)
+        return JSONResponse({"error": f"http_{exc.status_code}", "detail": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path"))
+            parts.append(f"{where}: {err.get('msg')}")
+        return JSONResponse({"error": "bad_parameter", "detail": "; ".join(parts) or "bad parameter"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"error": "internal", "detail": f"the server failed ({type(exc).__name__}: {exc}); please report this with the URL"},
+            status_code=500,
+        )
+
+    # ------------------------------------------------------------------- api
+    @app.get("/api/run")
+    def api_run() -> JSONResponse:
+        return JSONResponse(_finite(run_info(data, live)))
+
+    @app.get("/api/table/{name}")
+    def api_table(name: str, columns: Optional[str] = None) -> Response:
+        return Response(data.table_ipc(name, columns), media_type=ARROW_STREAM)
+
+    @app.get("/api/array/{name:path}")
+    def api_array(name: str, index: Optional[str] = None) -> Response:
+        body, headers = data.array_bytes(name, index)
+        return Response(body, media_type="application/octet-stream", headers=headers)
+
+    @app.get("/api/image/{filename}")
+    def api_image(filename: str, size: Optional[str] = None) -> Response:
+        if not filename.endswith(".png"):
+            raise not_found(f"images are served as /api/image/<image_id>.png, not {filename!r}")
+        iid = parse_image_id(filename[: -len(".png")])
+        side = _int(size, "size") if size is not None else None
+        return Response(data.image_png(iid, side), media_type="image/png")
+
+    @app.get("/api/live/attention/{image_id}/{layer}/{head}")
+    async def api_live_attention(image_id: str, layer: str, head: str, client: Optional[str] = None) -> Response:
+        a = await live.attention(_client(client), parse_image_id(image_id), _int(layer, "layer"), _int(head, "head"))
+        a = to_wire(a)
+        attrs = {"dims": ["query", "key"], "image_id": int(image_id), "layer": int(layer), "head": int(head)}
+        return Response(a.tobytes(), media_type="application/octet-stream", headers=array_headers(a, attrs))
+
+    @app.get("/api/live/partial_pruning/{image_id}/{layer}/{head}")
+    async def api_live_partial_pruning(image_id: str, layer: str, head: str, client: Optional[str] = None) -> JSONResponse:
+        out = await live.partial_pruning(_client(client), parse_image_id(image_id), _int(layer, "layer"), _int(head, "head"))
+        return JSONResponse(_finite(out))
+
+    @app.get("/api/live/interaction/{image_id}/{layer}/{query}")
+    async def api_live_interaction(image_id: str, layer: str, query: str, client: Optional[str] = None) -> Response:
+        a = to_wire(await live.interaction(_client(client), parse_image_id(image_id), _int(layer, "layer"), _int(query, "query")))
+        attrs = {"dims": ["key"], "image_id": int(image_id), "layer": int(layer), "query": int(query)}
+        return Response(a.tobytes(), media_type="application/octet-stream", headers=array_headers(a, attrs))
+
+    @app.get("/api/{rest:path}")
+    def api_unknown(rest: str) -> Response:
+        raise not_found(f"no API endpoint /api/{rest}; the endpoints are listed in docs/api.md")
+
+    # ---------------------------------------------------------------- static
+    @app.get("/")
+    def index() -> Response:
+        page = safe_file(static_root, "index.html")
+        if page is None:
+            return HTMLResponse(NOT_BUILT_PAGE, status_code=503)
+        return FileResponse(page, media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/{path:path}")
+    def static_file(path: str) -> Response:
+        f = safe_file(static_root, path)
+        if f is None:
+            raise not_found(f"no app file {path!r}")
+        cache = "public, max-age=31536000, immutable" if path.startswith("assets/") else "no-cache"
+        return FileResponse(f, media_type=media_type(f), headers={"Cache-Control": cache})
+
+    @app.on_event("shutdown")
+    def _shutdown() -> None:
+        live.shutdown()
+
+    return app
+
+
+def run_info(data: RunData, live: LiveModel) -> dict[str, Any]:
+    """The ``/api/run`` answer: the manifest (without the per-image records) and what the run and
+    the server can do."""
+    from vitscope.analysis.importance import MODES
+
+    m = data.manifest
+    model = m.get("model", {})
+    manifest = {**m, "images": {k: v for k, v in m.get("images", {}).items() if k != "records"}}
+    tables = data.table_names()
+    arrays = data.array_names()
+    heads_cols = _columns(data, "heads") if "heads" in tables else []
+    layout = dict(model.get("layout", {}))
+    prep = model.get("preprocessing", {})
+    input_size = prep.get("input_size") or [None, None, None]
+    labels = False
+    if "images" in tables:
+        labels = bool(data.images["label"].notna().any()) if "label" in data.images.columns else False
+    kinds: list[str] = []
+    if "pattern_clusters" in tables:
+        import pyarrow.parquet as pq
+
+        col = pq.read_table(data.path / "pattern_clusters.parquet", columns=["kind"]).column("kind").to_pylist()
+        kinds = [k for k in ("patch", "cls") if k in set(col)] + sorted(set(col) - {"patch", "cls"})
+    return {
+        "path": str(data.path),
+        "manifest": manifest,
+        "model": {
+            "spec": model.get("spec"),
+            "num_layers": model.get("num_layers"),
+            "num_heads": model.get("num_heads"),
+            "num_classes": model.get("num_classes"),
+            "class_names": model.get("class_names") or m.get("images", {}).get("class_names") or [],
+            "layout": layout,
+            "image_size": list(input_size[1:3]),
+        },
+        "live": live.status(),
+        "capabilities": {
+            "cls": layout.get("cls_index") is not None,
+            "labels": labels,
+            "interactions": "interaction_layers" in tables,
+            "winft": _is_winft(str(model.get("spec") or "")),
+            "pattern_kinds": kinds,
+            "attention_mean": "attention_mean" in arrays,
+        },
+        "metrics": [c for c in heads_cols if f"{c}_lo" in heads_cols and f"{c}_hi" in heads_cols],
+        "strength_measures": [c[: -len("_mean")] for c in heads_cols if c.endswith("_mean") and f"{c[:-5]}_median" in heads_cols],
+        "modes": [{"mode": i + 1, "region": r} for i, r in enumerate(MODES)],
+        "tables": tables,
+        "arrays": arrays,
+    }
+
+
+def _columns(data: RunData, table: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.read_schema(data.path / f"{table}.parquet").names)
+
+
+def _is_winft(spec: str) -> bool:
+    p = Path(spec)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        from vitscope.models.loader import META_ARCH
+
+        with safe_open(str(p), framework="pt") as f:
+            return str((f.metadata() or {}).get(META_ARCH, "")).startswith("winft")
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not a WinfT
+        return False
+
+
+def _int(text: Optional[str], what: str) -> int:
+    if text is None or not re.fullmatch(r"-?\d{1,9}", text.strip()):
+        raise bad_parameter(f"{what} {text!r} is not an integer")
+    return int(text)
+
+
+def _client(client: Optional[str]) -> Optional[str]:
+    if client is None or client == "":
+        return None
+    if not _CLIENT_RE.fullmatch(client):
+        raise bad_parameter(f"client {client[:80]!r} is not a short id; use up to 64 letters, digits, '.', '_' or '-'")
+    return client
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities replaced by None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def app_for_run(
+    run: Any,
+    *,
+    model: bool = True,
+    weights: Optional[str] = None,
+    device: str = "cpu",
+    vit: Any = None,
+    static_dir: Optional[Path] = None,
+) -> FastAPI:
+    """:func:`create_app` for ``run`` with its model loaded from the manifest when ``model``.
+
+    ``vit`` (an already loaded model) skips loading; ``weights`` points at the model's weights
+    when the manifest's spec alone cannot find them. A model that cannot be loaded leaves live
+    queries off, with the reason in ``/api/run``'s ``live.reason``.
+    """
+    if not hasattr(run, "manifest"):
+        from vitscope.store import open_run
+
+        run = open_run(run)
+    reason = warning = None
+    if vit is None:
+        from vitscope.server.live import load_live_model
+
+        vit, reason, warning = load_live_model(run.manifest, weights=weights, device=device, enabled=model)
+    return create_app(run, vit, live_reason=reason, live_warning=warning, static_dir=static_dir)
