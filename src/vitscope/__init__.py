@@ -23,6 +23,10 @@ def __getattr__(name: str):
         from vitscope.store import open_run
 
         return open_run
+    if name == "show":
+        from vitscope.server.notebook import show
+
+        return show
     if name == "analyze":
         from vitscope.analysis.run import analyze
 
@@ -42,4 +46,5 @@ __all__ = [
     "load_model",
     "open_run",
     "partial_pruning",
+    "show",
 ]

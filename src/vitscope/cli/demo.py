@@ -17,24 +17,37 @@ from vitscope.cli import app
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="run folder to write (resumed if it exists)"),
     limit: int = typer.Option(0, "--limit", "-n", help="analyse only the first N sample images (0 = all 300)"),
-    report: bool = typer.Option(True, "--report/--no-report", help="also write the figures and index.html"),
+    report: bool = typer.Option(False, "--report/--no-report", help="also write the static figures and index.html (the web app shows the same and more)"),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="after the summary, serve the web app over the run (Ctrl-C to stop)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="interface the app listens on (127.0.0.1 = this machine only)"),
+    port: int = typer.Option(8765, "--port", "-p", min=0, max=65535, help="port of the web app (0 = any free port)"),
+    open_browser: bool = typer.Option(False, "--open/--no-open", help="open the web app in a browser"),
 ) -> None:
-    """Analyse the embedded Fashion-MNIST sample with the embedded ViT and print what it found.
+    """Analyse the embedded Fashion-MNIST sample with the embedded ViT, print what it found, and
+    open the web app on it.
 
-    Runs `vitscope analyze --model fmnist_vit_tiny --images sample --out OUT`, then
-    `vitscope report OUT`, then summarises head importance, attention strength and patterns.
+    Runs `vitscope analyze --model fmnist_vit_tiny --images sample --out OUT`, summarises head
+    importance, attention strength and patterns, then serves the web app over OUT at
+    http://HOST:PORT/ (as `vitscope serve OUT` does) until Ctrl-C. `--no-serve` stops after the
+    summary; `--report` also writes the static figures (later: `vitscope report OUT`).
     """
     from vitscope.analysis.run import analyze
-    from vitscope.models import DEFAULT_MODEL
+    from vitscope.models import DEFAULT_MODEL, load_model
 
     console = Console()
-    run = analyze(DEFAULT_MODEL, "sample", out, limit=limit or None, device="cpu", console=console, command=f"vitscope demo --out {out}")
+    vit = load_model(DEFAULT_MODEL, device="cpu")
+    run = analyze(vit, "sample", out, limit=limit or None, device="cpu", console=console, command=f"vitscope demo --out {out}")
     print_summary(run, console)
     if report:
         from vitscope.report import write_report
 
         index = write_report(run)
         console.print(f"\nFigures: [bold]{index}[/bold]")
+    if serve:
+        from vitscope.cli.serve import serve_run
+
+        console.print()
+        serve_run(run, console, host=host, port=port, vit=vit, open_browser=open_browser)
 
 
 def print_summary(run: Any, console: Console) -> None:

@@ -8,10 +8,11 @@ model query never holds up the static views.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +46,12 @@ def create_app(
     live = LiveModel(data, vit, reason=live_reason, warning=live_warning)
     static_root = Path(static_dir) if static_dir is not None else STATIC_DIR
 
-    app = FastAPI(title="vitscope", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        live.shutdown()
+
+    app = FastAPI(title="vitscope", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.data = data
     app.state.live = live
     app.state.static_root = static_root
@@ -137,10 +143,6 @@ def create_app(
             raise not_found(f"no app file {path!r}")
         cache = "public, max-age=31536000, immutable" if path.startswith("assets/") else "no-cache"
         return FileResponse(f, media_type=media_type(f), headers={"Cache-Control": cache})
-
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        live.shutdown()
 
     return app
 

@@ -79,7 +79,8 @@ def to_wire(a: np.ndarray) -> np.ndarray:
         a = a.astype(np.int32)
     elif a.dtype.kind not in "fiub":
         raise ValueError(f"arrays of dtype {a.dtype} cannot be sent")
-    return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray would make a scalar 1-d)
 
 
 def array_headers(a: np.ndarray, attrs: Optional[dict[str, Any]] = None) -> dict[str, str]:

@@ -46,9 +46,17 @@ class Worker:
     """One thread that runs model queries in order, with per-(client, endpoint) supersede."""
 
     def __init__(self) -> None:
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-live")
+        self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: dict[tuple[str, str], _Job] = {}
         self._lock = threading.Lock()
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The worker thread (started on first use, again after :meth:`shutdown`)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitscope-live")
+            return self._executor
 
     async def run(self, client: Optional[str], endpoint: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn()`` on the worker thread and return its result (or raise its error)."""
@@ -92,7 +100,10 @@ class Worker:
             raise
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
 
 
 def _settle(fut: "asyncio.Future[Any]", result: Any, error: Optional[BaseException]) -> None:
