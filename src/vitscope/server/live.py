@@ -291,6 +291,8 @@ def load_live_model(
         return None, "the server was started with --no-model; restart it without --no-model to compute attention and pruning live", None
     model = manifest.get("model", {})
     spec = model.get("spec")
+    if manifest.get("synthetic"):
+        return None, "this run is synthetic (written by scripts/make_synthetic_run.py without a model), so there is no model to query", None
     if not spec:
         return None, "the run's manifest names no model (model.spec); rerun the analysis with a current vitscope", None
     w = weights or model.get("weights") or model.get("weights_path")
