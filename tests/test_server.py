@@ -592,3 +592,52 @@ def test_synthetic_run_is_a_valid_run_with_the_real_columns(server_run, tmp_path
         assert c.get("/api/image/0.png").status_code == 200
         for name in info["tables"]:
             assert c.get(f"/api/table/{name}").status_code == 200
+
+
+# --------------------------------------------------------------------------- packaging
+def _repo_copy(dest: Path, with_app: bool) -> Path:
+    """The repository's files (as git sees them, without node_modules) copied to ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, check=True, capture_output=True
+    ).stdout.decode().split("\0")
+    for f in files:
+        src = REPO / f
+        if f and src.is_file() and not f.startswith("web/node_modules/"):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    if with_app:
+        shutil.copytree(REPO / "src/vitscope/server/static", dest / "src/vitscope/server/static")
+    return dest
+
+
+def _pip_wheel(src: Path, out: Path) -> subprocess.CompletedProcess:
+    # No PATH: npm is unreachable, as on a machine without node.
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation", "--no-deps", "--no-index", "-w", str(out)],
+        cwd=src, env={"PATH": "/nonexistent", "HOME": str(out)}, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_wheel_contains_the_built_app_and_refuses_to_build_without_it(tmp_path):
+    import zipfile
+
+    assert (REPO / "src/vitscope/server/static/index.html").is_file(), "build the web app first: bash scripts/setup.sh"
+    src = _repo_copy(tmp_path / "with", with_app=True)
+    # Mark the copied app as built from the copied sources, so the build does not rebuild it.
+    import runpy
+
+    stamp = runpy.run_path(str(src / "setup.py"), run_name="vitscope_setup")["web_sources_hash"]()
+    (src / "web/.setup-stamp").write_text(stamp + "\n")
+    res = _pip_wheel(src, tmp_path / "wheel")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("vitscope-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "vitscope/server/static/index.html" in names
+    built = {str(p.relative_to(REPO / "src")) for p in (REPO / "src/vitscope/server/static").rglob("*") if p.is_file()}
+    assert built <= set(names), built - set(names)
+
+    bare = _repo_copy(tmp_path / "without", with_app=False)
+    res = _pip_wheel(bare, tmp_path / "wheel2")
+    assert res.returncode != 0 and not list((tmp_path / "wheel2").glob("*.whl"))
+    out = " ".join((res.stdout + res.stderr).split())
+    assert "web app is not built" in out and "npm" in out and "setup.sh" in out
