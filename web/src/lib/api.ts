@@ -33,7 +33,15 @@ export interface RunInfo {
     layout: Layout;
     image_size: [number, number];
   };
-  live: { available: boolean; reason: string | null; device: string | null };
+  live: {
+    available: boolean;
+    reason: string | null;
+    device: string | null;
+    /** Set when the loaded weights differ from the run's: live answers then differ from its tables. */
+    warning?: string | null;
+    /** The live endpoints that answer ("attention", "partial_pruning", "interaction"). */
+    endpoints?: string[];
+  };
   capabilities: {
     cls: boolean;
     labels: boolean;
