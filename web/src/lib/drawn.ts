@@ -1,0 +1,62 @@
+// Draw bookkeeping: every view calls `markDrawn(view)` at the end of each redraw. The shell waits for
+// all views to have drawn once before it flags the page ready, and the browser tests and the
+// benchmarks read `window.vitscope` to know when a selection has reached every view.
+import { selection, type SelectionState } from "./selection.svelte";
+
+export const VIEWS = ["image-overview", "head-importance", "attention-strength", "attention-pattern", "patch-interactions"] as const;
+export type ViewId = (typeof VIEWS)[number];
+
+interface DrawState {
+  /** performance.now() of each view's latest redraw. */
+  last: Record<string, number>;
+  /** how many redraws each view has made. */
+  count: Record<string, number>;
+  /** Views waiting for a live answer (their latest redraw is not final yet). */
+  pending: Set<string>;
+}
+
+const state: DrawState = { last: {}, count: {}, pending: new Set() };
+const listeners = new Set<() => void>();
+
+/** A view finished drawing what the current selection asks of it. */
+export function markDrawn(view: ViewId | string): void {
+  state.last[view] = performance.now();
+  state.count[view] = (state.count[view] ?? 0) + 1;
+  state.pending.delete(view);
+  const el = document.querySelector(`[data-view="${view}"]`);
+  if (el) el.setAttribute("data-drawn", String(state.count[view]));
+  listeners.forEach((f) => f());
+}
+
+/** A view started a live query; it calls markDrawn again when the answer is drawn. */
+export function markPending(view: ViewId | string): void {
+  state.pending.add(view);
+}
+
+export function allDrawnOnce(): boolean {
+  return VIEWS.every((v) => (state.count[v] ?? 0) > 0);
+}
+
+export function onDrawn(f: () => void): () => void {
+  listeners.add(f);
+  return () => listeners.delete(f);
+}
+
+/** The hooks the browser tests and benchmarks drive (no effect on the app itself). */
+export interface VitscopeHooks {
+  select(patch: Partial<SelectionState>): void;
+  selection(): SelectionState;
+  drawn: DrawState;
+  ready: boolean;
+}
+
+export function installHooks(): VitscopeHooks {
+  const hooks: VitscopeHooks = {
+    select: (patch) => selection.set(patch),
+    selection: () => selection.snapshot(),
+    drawn: state,
+    ready: false,
+  };
+  (window as unknown as { vitscope: VitscopeHooks }).vitscope = hooks;
+  return hooks;
+}
