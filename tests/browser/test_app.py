@@ -1,0 +1,161 @@
+"""The app as a whole in headless Chromium: it loads, every view draws, the selection lives in the URL,
+the keyboard drives it, exports are valid files, it fits one 1920x1080 screen, and it degrades in
+place when the run or the server lacks something."""
+
+from __future__ import annotations
+
+import io
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+import vitscope
+from harness import VIEWS, select, shot, wait_drawn
+
+
+def _selection(pg) -> dict:
+    return pg.evaluate("() => window.vitscope.selection()")
+
+
+def _hash_state(pg) -> dict:
+    h = pg.evaluate("() => window.location.hash").lstrip("#")
+    return {k: v[0] for k, v in parse_qs(h).items()}
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """A run without patch interactions (12 images, fast settings)."""
+    from vitscope.analysis.run import AnalyzeSettings
+
+    settings = AnalyzeSettings(batch_size=12, n_boot=20, curve_images=6, curve_points=2, ae_epochs=1, ae_min_steps=10, projection="pca", n_clusters=2)
+    out = tmp_path_factory.mktemp("plain") / "run"
+    return Path(vitscope.analyze("fmnist_vit_tiny", "sample", out, limit=12, settings=settings, device="cpu", progress=False).path)
+
+
+def test_every_view_draws_and_the_app_fits_one_screen(page, open_app, browser_run):
+    open_app(page)
+    for view in VIEWS:
+        el = page.locator(f'[data-view="{view}"]')
+        assert el.count() == 1, f"view {view} is missing"
+        assert int(el.get_attribute("data-drawn") or 0) >= 1, f"view {view} never drew"
+        box = el.bounding_box()
+        assert box and box["width"] > 200 and box["height"] > 150, f"view {view} is too small: {box}"
+        assert box["x"] >= 0 and box["y"] >= 0 and box["x"] + box["width"] <= 1920 + 0.5 and box["y"] + box["height"] <= 1080 + 0.5, f"view {view} leaves the screen: {box}"
+    size = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+    assert size[0] <= 1920 and size[1] <= 1080, f"the page scrolls: {size}"
+    header = page.locator("header.top").inner_text()
+    assert "fmnist_vit_tiny" in header and "24 images" in header
+    shot(page, "app")
+    for view in VIEWS:
+        shot(page, f"view-{view}", f'[data-view="{view}"]')
+
+
+def test_a_permalink_restores_the_whole_selection(page, open_app, browser_run):
+    images = pd.read_parquet(browser_run / "images.parquet")
+    image = int(images["image_id"].iloc[5])
+    want = {"image": image, "layer": 2, "head": 1, "query": 9, "mode": 4, "metric": "acc_drop", "catalogue": "cls", "colour": "correct", "strength": "mean_distance", "ilayer": 3}
+    hash_ = "&".join(f"{k}={v}" for k, v in want.items())
+    open_app(page, hash=hash_)
+    got = _selection(page)
+    for k, v in want.items():
+        assert got[k] == v, f"{k}: the permalink said {v}, the app has {got[k]}"
+    # A changed selection is written back to the URL, and the URL alone restores it in a new page.
+    select(page, head=3, query=2)
+    url = page.url
+    assert _hash_state(page)["head"] == "3" and _hash_state(page)["query"] == "2"
+    page.goto("about:blank")
+    page.goto(url)
+    page.wait_for_function("() => window.vitscope && window.vitscope.ready === true")
+    got = _selection(page)
+    assert got["head"] == 3 and got["query"] == 2 and got["layer"] == 2 and got["mode"] == 4 and got["image"] == image
+
+
+def test_a_permalink_out_of_range_is_clamped_to_the_run(page, open_app):
+    open_app(page, hash="image=999999&layer=99&head=-4&query=100000&mode=9&metric=nonsense")
+    got = _selection(page)
+    assert 0 <= got["layer"] < 6 and got["head"] == 0 and 1 <= got["mode"] <= 6
+    assert got["metric"] != "nonsense"
+
+
+def test_the_keyboard_moves_head_layer_and_mode_and_focuses_the_search(page, open_app, vit):
+    open_app(page, hash="layer=1&head=0&mode=2")
+    page.locator("body").click(position={"x": 5, "y": 1075})
+    page.keyboard.press("ArrowRight")
+    assert _selection(page)["head"] == 1
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")
+    assert _selection(page)["head"] == vit.num_heads - 1
+    page.keyboard.press("ArrowDown")
+    assert _selection(page)["layer"] == 2
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")
+    assert _selection(page)["layer"] == 0
+    for key in "613":
+        page.keyboard.press(key)
+        assert _selection(page)["mode"] == int(key)
+    page.keyboard.press("/")
+    assert page.evaluate("() => document.activeElement && document.activeElement.getAttribute('data-role')") == "image-search"
+    # Typing in the search does not move the selection.
+    page.keyboard.type("4")
+    assert _selection(page)["mode"] == 3
+    wait_drawn(page)
+
+
+def _check_png(data: bytes, what: str) -> None:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{what} is not a PNG"
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    assert im.width > 50 and im.height > 50, f"{what} is only {im.size}"
+
+
+def _check_svg(data: bytes, what: str) -> None:
+    root = ET.fromstring(data)
+    assert root.tag.endswith("svg"), f"{what} is not an SVG document"
+    assert float(root.get("width")) > 50 and float(root.get("height")) > 50
+    assert len(list(root.iter())) > 3, f"{what} is empty"
+
+
+def test_every_view_exports_png_svg_and_csv(page, open_app):
+    open_app(page)
+    for view in VIEWS:
+        panel = page.locator(f'[data-view="{view}"]')
+        for kind in ("png", "svg", "csv"):
+            button = panel.locator(f'header [data-export="{kind}"]')
+            assert button.count() == 1, f"view {view} has no {kind.upper()} export"
+            with page.expect_download() as info:
+                button.click()
+            download = info.value
+            path = Path(download.path())
+            data = path.read_bytes()
+            what = f"{view}'s {kind.upper()} export"
+            assert download.suggested_filename.endswith("." + kind), download.suggested_filename
+            if kind == "png":
+                _check_png(data, what)
+            elif kind == "svg":
+                _check_svg(data, what)
+            else:
+                df = pd.read_csv(io.BytesIO(data))
+                assert len(df) > 0 and len(df.columns) > 0, f"{what} has no rows"
+
+
+def test_without_a_model_the_app_opens_and_says_why_live_parts_are_off(page, open_app, make_server, browser_run):
+    reason = "the server was started with --no-model; restart it without --no-model to turn live queries on"
+    srv = make_server(browser_run, None, live_reason=reason)
+    open_app(page, srv)  # the page fixture fails the test on any live request answered 409 no_model
+    assert "live model off" in page.locator("header.top").inner_text()
+    text = page.locator(".grid").inner_text()
+    assert "--no-model" in text, "no view says why the live parts are off"
+    select(page, head=1, mode=5, query=3)
+    shot(page, "app-no-model")
+
+
+def test_a_run_without_interactions_says_how_to_get_them(page, open_app, make_server, plain_run, vit):
+    srv = make_server(plain_run, vit)
+    open_app(page, srv)
+    text = page.locator('[data-view="patch-interactions"]').inner_text()
+    assert "--interactions" in text
+    shot(page, "view-patch-interactions-absent", '[data-view="patch-interactions"]')
