@@ -28,7 +28,10 @@ export function markDrawn(view: ViewId | string): void {
   listeners.forEach((f) => f());
 }
 
-/** A view started a live query; it calls markDrawn again when the answer is drawn. */
+/** A view started async work (a live query, a table or array fetch) for the current selection: call
+ * this synchronously inside the effect, before the first await, and markDrawn once the answer is
+ * drawn (also when it failed or was superseded). Tests and benchmarks wait until nothing is
+ * pending, so a view that forgets this is measured before it has drawn. */
 export function markPending(view: ViewId | string): void {
   state.pending.add(view);
 }
