@@ -120,15 +120,20 @@ def _check_svg(data: bytes, what: str) -> None:
 
 
 def test_every_view_exports_png_svg_and_csv(page, open_app):
-    open_app(page)
     for view in VIEWS:
+        # A fresh load per view: Chromium holds back a tab's downloads after many in a row (it would
+        # ask the user), which says nothing about the exports themselves.
+        open_app(page)
         panel = page.locator(f'[data-view="{view}"]')
         for kind in ("png", "svg", "csv"):
             button = panel.locator(f'header [data-export="{kind}"]')
             assert button.count() == 1, f"view {view} has no {kind.upper()} export"
-            with page.expect_download() as info:
-                button.click()
-            download = info.value
+            try:
+                with page.expect_download() as info:
+                    button.click()
+                download = info.value
+            except Exception as e:  # a timeout says nothing about which export
+                raise AssertionError(f"view {view}'s {kind.upper()} export gave no download: {e}; page problems: {page.problems.report()}") from None
             path = Path(download.path())
             data = path.read_bytes()
             what = f"{view}'s {kind.upper()} export"

@@ -16,6 +16,12 @@ interface DrawState {
 }
 
 const state: DrawState = { last: {}, count: {}, pending: new Set() };
+const tables = new Map<string, () => Record<string, unknown>[]>();
+
+/** The rows behind a view (the ones its CSV export saves); the tests compare them with the run. */
+export function registerTable(view: string, rows: () => Record<string, unknown>[]): void {
+  tables.set(view, rows);
+}
 const listeners = new Set<() => void>();
 
 /** A view finished drawing what the current selection asks of it. */
@@ -51,6 +57,8 @@ export interface VitscopeHooks {
   selection(): SelectionState;
   drawn: DrawState;
   ready: boolean;
+  /** The rows a view shows now (its CSV export), e.g. `vitscope.table("head-importance")`. */
+  table(view: string): Record<string, unknown>[] | null;
 }
 
 export function installHooks(): VitscopeHooks {
@@ -59,6 +67,10 @@ export function installHooks(): VitscopeHooks {
     selection: () => selection.snapshot(),
     drawn: state,
     ready: false,
+    table: (view) => {
+      const rows = tables.get(view);
+      return rows ? JSON.parse(JSON.stringify(rows())) : null;
+    },
   };
   (window as unknown as { vitscope: VitscopeHooks }).vitscope = hooks;
   return hooks;

@@ -10,7 +10,8 @@ function download(blob: Blob, filename: string): void {
   document.body.appendChild(a);
   a.click();
   a.remove();
-  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+  // Revoke late: a busy browser may start reading a large blob seconds after the click.
+  setTimeout(() => URL.revokeObjectURL(a.href), 60_000);
 }
 
 /** One standalone SVG document for an element: an <svg> as is; a <canvas> or a container of svgs and
@@ -81,18 +82,51 @@ export function exportSvg(el: HTMLElement | null, name: string): void {
   download(new Blob([text], { type: "image/svg+xml" }), `vitscope-${name}.svg`);
 }
 
+/** A PNG of the element at `scale`x: canvases and images are copied directly (no re-encoding through
+ * a data URL), and only the SVG parts are rasterised, each on its own, so a view full of canvases
+ * saves in milliseconds and the download still counts as the user's click. */
 export async function exportPng(el: HTMLElement | null, name: string, scale = 2): Promise<void> {
   if (!el) return;
-  const { text, width, height } = toSvg(el);
-  const img = new Image();
-  img.src = "data:image/svg+xml;charset=utf-8," + encodeURIComponent(text);
-  await img.decode();
+  const box = el.getBoundingClientRect();
+  const width = Math.max(1, Math.round(box.width));
+  const height = Math.max(1, Math.round(box.height));
+  const parts: Element[] = el instanceof SVGSVGElement || el instanceof HTMLCanvasElement || el instanceof HTMLImageElement
+    ? [el]
+    : Array.from(el.querySelectorAll("svg, canvas, img")).filter((e) => !e.parentElement?.closest("svg"));
+  const layers = await Promise.all(
+    parts.map(async (part) => {
+      const r = part.getBoundingClientRect();
+      if (r.width === 0 || r.height === 0) return null;
+      if (part instanceof SVGSVGElement) {
+        const { text } = toSvg(part as unknown as HTMLElement);
+        const img = new Image();
+        img.src = "data:image/svg+xml;charset=utf-8," + encodeURIComponent(text);
+        try {
+          await img.decode();
+        } catch {
+          return null;
+        }
+        return { source: img as CanvasImageSource, r };
+      }
+      return { source: part as HTMLCanvasElement | HTMLImageElement, r };
+    }),
+  );
   const canvas = document.createElement("canvas");
   canvas.width = width * scale;
   canvas.height = height * scale;
   const ctx = canvas.getContext("2d")!;
   ctx.scale(scale, scale);
-  ctx.drawImage(img, 0, 0);
+  ctx.fillStyle = "#ffffff";
+  ctx.fillRect(0, 0, width, height);
+  ctx.imageSmoothingEnabled = false;
+  for (const layer of layers) {
+    if (!layer) continue;
+    try {
+      ctx.drawImage(layer.source, layer.r.left - box.left, layer.r.top - box.top, layer.r.width, layer.r.height);
+    } catch {
+      /* an image that failed to load */
+    }
+  }
   const blob = await new Promise<Blob>((ok) => canvas.toBlob((b) => ok(b!), "image/png"));
   download(blob, `vitscope-${name}.png`);
 }

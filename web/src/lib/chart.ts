@@ -1,0 +1,100 @@
+// Drawing helpers shared by the views: colour scales that read well for colour-blind users, crisp
+// canvases on high-DPI screens, and number formats.
+import * as d3 from "d3";
+
+/** Okabe & Ito's eight colours (distinguishable under the common colour-vision deficiencies), then
+ * Tableau's ten for runs with more classes; beyond 18 classes colours repeat (the legend says so). */
+export const CATEGORICAL = [
+  "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000",
+  ...d3.schemeTableau10,
+];
+export const categorical = (i: number) => (i < 0 ? "#9aa0a6" : CATEGORICAL[i % CATEGORICAL.length]);
+
+/** Correct / incorrect: blue and vermillion (Okabe-Ito), never red/green. */
+export const CORRECT = "#0072B2";
+export const WRONG = "#D55E00";
+/** The selection's highlight colour. */
+export const HIGHLIGHT = "#D55E00";
+/** CLS-token edges and marks versus patch ones. */
+export const CLS_COLOUR = "#E69F00";
+export const PATCH_COLOUR = "#0072B2";
+
+/** Layers: viridis from dark (first layer) to yellow (last), perceptually ordered. */
+export function layerColour(L: number): (layer: number) => string {
+  return (layer) => d3.interpolateViridis(L <= 1 ? 0.5 : 0.05 + (0.85 * layer) / (L - 1));
+}
+
+/** Sequential values (attention, importance): viridis. */
+export const sequential = d3.interpolateViridis;
+/** Signed values (interaction impacts): purple-orange, symmetric around 0. */
+export const diverging = (t: number) => d3.interpolatePuOr(1 - t);
+
+/** Size a canvas for the device pixel ratio and return a cleared context in CSS pixels. */
+export function setupCanvas(c: HTMLCanvasElement, width: number, height: number): CanvasRenderingContext2D {
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.max(1, Math.round(width * dpr));
+  const h = Math.max(1, Math.round(height * dpr));
+  if (c.width !== w || c.height !== h) {
+    c.width = w;
+    c.height = h;
+  }
+  c.style.width = `${width}px`;
+  c.style.height = `${height}px`;
+  const ctx = c.getContext("2d")!;
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  return ctx;
+}
+
+/** A rows x cols matrix as an image (one pixel per cell), to be scaled up with smoothing off. */
+export function matrixImage(values: ArrayLike<number>, rows: number, cols: number, colour: (v: number) => string, offset = 0): HTMLCanvasElement {
+  const c = document.createElement("canvas");
+  c.width = cols;
+  c.height = rows;
+  const ctx = c.getContext("2d")!;
+  const img = ctx.createImageData(cols, rows);
+  const cache = new Map<string, [number, number, number]>();
+  for (let i = 0; i < rows * cols; i++) {
+    const v = values[offset + i];
+    if (!Number.isFinite(v)) continue;
+    const css = colour(v);
+    let rgb = cache.get(css);
+    if (!rgb) {
+      const c2 = d3.rgb(css);
+      rgb = [c2.r, c2.g, c2.b];
+      cache.set(css, rgb);
+    }
+    img.data[4 * i] = rgb[0];
+    img.data[4 * i + 1] = rgb[1];
+    img.data[4 * i + 2] = rgb[2];
+    img.data[4 * i + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
+  return c;
+}
+
+/** Minimum and maximum of the finite values (a fallback range when there are none). */
+export function finiteExtent(values: ArrayLike<number>, fallback: [number, number] = [0, 1]): [number, number] {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (Number.isFinite(v)) {
+      if (v < lo) lo = v;
+      if (v > hi) hi = v;
+    }
+  }
+  if (lo === Infinity) return fallback;
+  if (lo === hi) return [lo - 0.5, hi + 0.5];
+  return [lo, hi];
+}
+
+export const fmt = (v: number | null | undefined, digits = 3) =>
+  v === null || v === undefined || !Number.isFinite(v) ? "–" : Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toFixed(digits);
+
+/** Render a d3 axis into an SVG <g> (Svelte owns the rest of the SVG). */
+export function axis(node: SVGGElement, make: () => d3.Axis<any>) {
+  const draw = () => d3.select(node).call(make()).call((g) => g.selectAll("text").attr("font-size", 10));
+  draw();
+  return { update(next: () => d3.Axis<any>) { make = next; draw(); } };
+}
