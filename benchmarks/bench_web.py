@@ -91,7 +91,8 @@ def measure(run_path: Path, *, with_model: bool, loads: int, warmup: int, select
     run = vitscope.open_run(run_path)
     vit = None
     if with_model:
-        vit, reason, _warning = load_live_model(run.manifest)
+        weights = None if run.manifest["model"].get("weights") else str(SHARED / "models" / "deit_tiny_patch16_224.safetensors")
+        vit, reason, _warning = load_live_model(run.manifest, weights=weights)
         if vit is None:
             raise SystemExit(f"{run_path}: the run's model could not be loaded: {reason}")
     srv = BackgroundServer(create_app(run, vit), "127.0.0.1", 0).start()
@@ -132,8 +133,13 @@ def measure(run_path: Path, *, with_model: bool, loads: int, warmup: int, select
             }
             if with_model and live:
                 times = []
+                prev = (-1, -1)
                 for i in range(3 + live):
-                    layer, head = rng.randrange(L), rng.randrange(H)
+                    # a new head each time: re-selecting the current one asks the model nothing
+                    layer, head = prev
+                    while (layer, head) == prev:
+                        layer, head = rng.randrange(L), rng.randrange(H)
+                    prev = (layer, head)
                     t = page.evaluate(LIVE_JS, [layer, head, "head-importance"])
                     if t < 0:
                         raise SystemExit("live partial pruning did not draw within 30 s")

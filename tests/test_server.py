@@ -641,3 +641,24 @@ def test_wheel_contains_the_built_app_and_refuses_to_build_without_it(tmp_path):
     assert res.returncode != 0 and not list((tmp_path / "wheel2").glob("*.whl"))
     out = " ".join((res.stdout + res.stderr).split())
     assert "web app is not built" in out and "npm" in out and "setup.sh" in out
+
+
+def test_a_run_made_with_a_weights_file_is_served_live_without_weights(tmp_path):
+    """`analyze -w FILE` records the file in the manifest, so `serve RUN` finds the same weights."""
+    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.models.builtin import BUILTIN_MODELS
+    from vitscope.server.live import load_live_model
+
+    file = tmp_path / "weights.safetensors"
+    file.write_bytes(BUILTIN_MODELS["fmnist_vit_tiny"].weights_path.read_bytes())
+    vit = vitscope.load_model("fmnist_vit_tiny", weights=file, device="cpu")
+    assert vit.weights_path == str(file.resolve())
+    settings = AnalyzeSettings(batch_size=4, n_boot=5, curve_images=2, curve_points=2, ae_epochs=1, ae_min_steps=2, projection="pca", n_clusters=2)
+    run = vitscope.analyze(vit, "sample", tmp_path / "run", limit=4, settings=settings, device="cpu", progress=False)
+    assert run.manifest["model"]["weights"] == str(file.resolve())
+    live, reason, _ = load_live_model(run.manifest)
+    assert live is not None, reason
+    assert live.weights_sha256 == vit.weights_sha256
+    file.unlink()
+    live, reason, _ = load_live_model(run.manifest)
+    assert live is None and str(file.resolve()) in reason and "--weights" in reason

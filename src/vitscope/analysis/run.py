@@ -467,6 +467,7 @@ def _new_manifest(
         "name": vit.name,
         "library": vit.library,
         "weights_sha256": vit.weights_sha256,
+        "weights": getattr(vit, "weights_path", None),
         "num_layers": vit.num_layers,
         "num_heads": vit.num_heads,
         "num_classes": vit.num_classes,

@@ -140,6 +140,15 @@ def load_model(
 
     ``device`` defaults to CUDA when available. The model is put in eval mode with gradients off.
     """
+    vit = _load(spec, weights, device)
+    # Where the weights came from travels with the model, so a run records it and `vitscope serve`
+    # finds the same weights again without --weights.
+    if weights is not None:
+        vit.weights_path = str(Path(weights).resolve())
+    return vit
+
+
+def _load(spec: Union[str, nn.Module], weights: Union[str, Path, None], device: Union[str, torch.device, None]) -> ViT:
     if isinstance(spec, nn.Module):
         return wrap_timm(spec, device=device)
     if not isinstance(spec, str) or not spec:

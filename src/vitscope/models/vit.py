@@ -52,6 +52,8 @@ class ViT:
         self.preprocessing = preprocessing
         self.class_names = class_names
         self.weights_sha256 = weights_sha256
+        #: The weights file it was loaded from (set by load_model when given weights=), else None.
+        self.weights_path: Optional[str] = None
         self.library = library
         self.num_layers: int = len(backend.blocks)
         self.num_heads: int = backend.num_heads
