@@ -62,6 +62,12 @@ function numbers(t: Table, name: string, fill = NaN): Float64Array {
   const c = t.getChild(name);
   const out = new Float64Array(t.numRows).fill(fill);
   if (!c) return out;
+  if (c.nullCount === 0 && (c.type.typeId === 2 || c.type.typeId === 3) /* Int, Float */) {
+    // The fast path: the column's values as one typed array (int64 arrives as BigInt64Array).
+    const a = c.toArray() as ArrayLike<number | bigint | boolean>;
+    for (let i = 0; i < a.length; i++) out[i] = Number(a[i]);
+    return out;
+  }
   for (let i = 0; i < t.numRows; i++) {
     const v = c.get(i);
     if (v !== null && v !== undefined) out[i] = Number(v);
@@ -107,8 +113,8 @@ function patternPoints(t: Table, kind: string): PatternPoints {
   const keep: number[] = [];
   kinds.forEach((k, i) => k === kind && keep.push(i));
   const pick = (name: string) => {
-    const c = t.getChild(name)!;
-    return keep.map((i) => Number(c.get(i)));
+    const all = numbers(t, name);
+    return keep.map((i) => all[i]);
   };
   return {
     n: keep.length,
@@ -152,8 +158,10 @@ export async function loadRun(): Promise<RunData> {
     let out = ihCache.get(name);
     if (!out) {
       out = new Float32Array(images.n * LH).fill(NaN);
-      const c = ihT.getChild(name);
-      if (c) for (let i = 0; i < ihT.numRows; i++) if (pos[i] >= 0) out[pos[i]] = Number(c.get(i) ?? NaN);
+      if (ihT.getChild(name)) {
+        const v = numbers(ihT, name);
+        for (let i = 0; i < ihT.numRows; i++) if (pos[i] >= 0) out[pos[i]] = v[i];
+      }
       ihCache.set(name, out);
     }
     return out;
@@ -163,10 +171,19 @@ export async function loadRun(): Promise<RunData> {
   const hopBins = hopCol && ihT.numRows ? (hopCol.get(0)?.length ?? 0) : 0;
   const hopProfiles = new Float32Array(images.n * LH * hopBins).fill(NaN);
   if (hopCol) {
-    for (let i = 0; i < ihT.numRows; i++) {
-      if (pos[i] < 0) continue;
-      const v = hopCol.get(i);
-      for (let g = 0; g < hopBins; g++) hopProfiles[pos[i] * hopBins + g] = Number(v.get(g));
+    // Read the list column's flat child values chunk by chunk (one typed array per record batch)
+    // instead of one list object per row.
+    let row = 0;
+    for (const chunk of hopCol.data) {
+      const offsets = chunk.valueOffsets as Int32Array;
+      const child = chunk.children[0];
+      const values = child.values as Float32Array | Float64Array;
+      for (let r = 0; r < chunk.length; r++, row++) {
+        if (pos[row] < 0) continue;
+        const start = child.offset + offsets[chunk.offset + r];
+        const n = Math.min(hopBins, offsets[chunk.offset + r + 1] - offsets[chunk.offset + r]);
+        for (let g = 0; g < n; g++) hopProfiles[pos[row] * hopBins + g] = values[start + g];
+      }
     }
   }
 
