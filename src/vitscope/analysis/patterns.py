@@ -492,9 +492,17 @@ def _project_2d(points: np.ndarray, projection: str, seed: int, max_fit_points: 
     if projection == "umap":
         import umap
 
+        from sklearn.neighbors import NearestNeighbors
+
+        # Exact neighbours from scikit-learn instead of UMAP's own approximate search: at these
+        # sizes (<= max_fit_points) they cost a fraction of a second, while pynndescent's numba
+        # kernels take about a minute to compile in every new process.
+        k = min(15, len(xf) - 1)
+        dist, idx = NearestNeighbors(n_neighbors=k).fit(xf).kneighbors(xf)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*n_jobs.*")
-            reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(xf) - 1), random_state=seed)
+            warnings.filterwarnings("ignore", message=".*knn_search_index.*")
+            reducer = umap.UMAP(n_components=2, n_neighbors=k, random_state=seed, precomputed_knn=(idx, dist))
             emb_fit = reducer.fit_transform(xf)
     else:
         from sklearn.manifold import TSNE
