@@ -33,7 +33,7 @@ Inputs (:func:`pattern_inputs`), one map per (image, head), values in ``[0, 1]``
   (antialiased) so that models with different grids share one input size.
 
 Autoencoder (:func:`train_autoencoder`): two stride-2 convolutions and a linear layer to a small
-latent code, a two-layer perceptron decoder with a sigmoid output, MSE loss, Adam. It trains on a
+latent code, a two-layer perceptron decoder with a linear output, MSE loss, Adam. It trains on a
 seeded subsample (``max_train``) and then encodes every map, so 100k+ maps take well under a
 minute on two CPU cores. Training is seeded and runs with a private RNG state, so the same seed
 gives the same codes on the same machine.
@@ -193,8 +193,11 @@ class ConvAutoencoder(nn.Module):
     """Small autoencoder for ``(C, S, S)`` maps with values in ``[0, 1]``.
 
     Encoder: two 3x3 stride-2 convolutions (``width``, ``2*width`` channels) and a linear layer to
-    the latent code. Decoder: a two-layer perceptron with a sigmoid output; on maps this small a
-    convolutional decoder made each training step several times slower on a CPU.
+    the latent code. Decoder: a two-layer perceptron with a linear output, clipped to ``[0, 1]``
+    outside training; on maps this small a convolutional decoder made each training step several
+    times slower on a CPU. A sigmoid output saturates on sparse maps: on the built-in model's CLS
+    maps (mean value 0.07) it collapsed to zero within one epoch and reconstructed worse than the
+    per-pixel mean (relative error 1.38), where the linear output reaches 0.13.
     """
 
     def __init__(self, in_channels: int, size: int, latent_dim: int = 8, width: int = 16, hidden: int = 256) -> None:
@@ -213,14 +216,15 @@ class ConvAutoencoder(nn.Module):
             nn.Linear(latent_dim, hidden),
             nn.ReLU(),
             nn.Linear(hidden, in_channels * size * size),
-            nn.Sigmoid(),
         )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z).reshape(-1, self.in_channels, self.size, self.size)
+        out = self.decoder(z).reshape(-1, self.in_channels, self.size, self.size)
+        # Maps live in [0, 1]; clipping outside training can only bring a reconstruction closer.
+        return out if self.training else out.clamp(0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -318,10 +322,10 @@ def train_autoencoder(
     batch_size: int = 256,
     *,
     max_train: int = 10_000,
-    min_steps: int = 1000,
+    min_steps: int = 600,
     width: int = 16,
     hidden: int = 256,
-    lr: float = 3e-3,
+    lr: float = 6e-3,
     num_threads: Optional[int] = 1,
 ) -> AutoencoderResult:
     """Train a :class:`ConvAutoencoder` on maps ``(N, C, S, S)`` and encode all of them.

@@ -123,7 +123,7 @@ class AnalyzeSettings:
     patch_input: str = "offset"
     latent_dim: int = 8
     ae_epochs: int = 20
-    ae_min_steps: int = 1000
+    ae_min_steps: int = 600
     ae_max_maps: int = 10_000
     n_clusters: int = 10
     projection: str = "umap"

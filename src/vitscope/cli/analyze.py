@@ -31,7 +31,7 @@ def analyze(
     n_boot: int = typer.Option(1000, "--boot", min=0, help="bootstrap resamples for the 95% intervals"),
     latent_dim: int = typer.Option(8, "--latent-dim", min=1, help="latent size of the pattern autoencoders"),
     ae_epochs: int = typer.Option(20, "--ae-epochs", min=1, help="training epochs of each pattern autoencoder"),
-    ae_min_steps: int = typer.Option(1000, "--ae-min-steps", min=0, help="at least this many autoencoder training steps (small image sets get more epochs)"),
+    ae_min_steps: int = typer.Option(600, "--ae-min-steps", min=0, help="at least this many autoencoder training steps (small image sets get more epochs)"),
     n_clusters: int = typer.Option(10, "--clusters", min=1, help="pattern clusters per catalogue (patch-to-patch, CLS)"),
     projection: str = typer.Option("umap", "--projection", help="2-D projection of the pattern codes: umap, tsne or pca"),
     curve_images: int = typer.Option(100, "--curve-images", min=0, help="images (seeded subset) for the cumulative pruning curves; 0 = all"),
