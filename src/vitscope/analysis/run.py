@@ -38,6 +38,7 @@ from vitscope.analysis import importance as imp
 from vitscope.analysis import strength as stg
 from vitscope.store import files
 from vitscope.store.errors import NotARunError, RunMismatchError
+from vitscope.store.lock import RunLock
 from vitscope.store.layout import FORMAT, FORMAT_VERSION, STATUS_COMPLETE, STATUS_RUNNING
 from vitscope.store.manifest import describe_mismatch, fingerprint, now_iso, package_versions
 from vitscope.store.reader import Run, open_run
@@ -371,9 +372,6 @@ def analyze(
     ``overwrite``. Unreadable images are skipped and listed in the manifest. Returns the finished
     :class:`~vitscope.store.Run`.
     """
-    from vitscope.data import load_images
-    from vitscope.models import ViT, load_model
-
     settings = settings or AnalyzeSettings()
     settings.validate()
     if limit is not None and limit < 1:
@@ -390,6 +388,33 @@ def analyze(
         from rich.console import Console
 
         console = Console(stderr=True)
+
+    # One writer per run folder: a second command on the same folder is refused (RunLockedError)
+    # instead of deleting the first one's temporary chunks or publishing half of a chunk.
+    with RunLock(store.path, command=command or "vitscope.analyze"):
+        return _analyze_locked(model, images, store, weights=weights, labels=labels, limit=limit, settings=settings,
+                               overwrite=overwrite, device=device, num_workers=num_workers, progress=progress,
+                               console=console, command=command)
+
+
+def _analyze_locked(
+    model: Union[str, "ViT"],
+    images: Union[str, Path, Sequence[Union[str, Path]], None],
+    store: RunStore,
+    *,
+    weights: Union[str, Path, None],
+    labels: Any,
+    limit: Optional[int],
+    settings: AnalyzeSettings,
+    overwrite: bool,
+    device: Union[str, torch.device, None],
+    num_workers: int,
+    progress: bool,
+    console: Any,
+    command: Optional[str],
+) -> Run:
+    from vitscope.data import load_images
+    from vitscope.models import ViT, load_model
 
     vit = model if isinstance(model, ViT) else load_model(model, weights=weights, device=device)
     vit._require_head()

@@ -6,7 +6,8 @@ Layout (see docs/run-format.md): ``manifest.json``, tidy Parquet tables (``image
 interrupted run resumable.
 """
 
-from vitscope.store.errors import NotARunError, RunError, RunMismatchError, UnfinishedRunError
+from vitscope.store.errors import NotARunError, RunError, RunLockedError, RunMismatchError, UnfinishedRunError
+from vitscope.store.lock import RunLock
 from vitscope.store.reader import PATTERN_KINDS, PatternCatalogue, Run, open_run
 from vitscope.store.writer import RunStore
 
@@ -16,6 +17,8 @@ __all__ = [
     "PatternCatalogue",
     "Run",
     "RunError",
+    "RunLock",
+    "RunLockedError",
     "RunMismatchError",
     "RunStore",
     "UnfinishedRunError",

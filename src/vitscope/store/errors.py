@@ -17,3 +17,7 @@ class UnfinishedRunError(RunError):
 
 class RunMismatchError(RunError):
     """An existing run folder was made by a different command (model, weights, images or settings)."""
+
+
+class RunLockedError(RunError):
+    """Another process holds the run folder's lock (another ``analyze`` writing the same run)."""

@@ -20,6 +20,7 @@ from zarr.storage import LocalStore
 
 from vitscope.store import files
 from vitscope.store.errors import NotARunError
+from vitscope.store.lock import LOCK_NAME
 from vitscope.store.layout import ARRAYS, CHUNKS, FORMAT, MANIFEST, REPORT, TABLES, WORK
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
@@ -254,7 +255,8 @@ class RunStore:
         files.remove_leftovers(self.path)
 
     def is_empty(self) -> bool:
-        return not self.path.exists() or not any(self.path.iterdir())
+        """No files besides the folder's lock file (which a starting command creates first)."""
+        return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
 
     def clear(self) -> None:
         """Delete everything a run writes (and only that) so the folder can hold a new run."""
