@@ -398,7 +398,45 @@ def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_p
     resumed = run_mod.analyze(str(tiny["model"]), tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")
     assert batches["n"] == 3 - len(done_before)  # finished chunks are not redone
     assert resumed.manifest["resumed"] == 1
+    # both commands are recorded, each with the package versions it ran with
+    assert [sorted(i) for i in resumed.manifest["invocations"]] == [["command", "started", "versions"]] * 2
+    assert resumed.manifest["invocations"][1]["versions"]["torch"] == torch.__version__.split("+")[0]
     assert_runs_equal(resumed, tiny_run)
+
+
+def test_in_memory_model_with_other_weights_is_refused(tiny, tmp_path):
+    """The fingerprint covers the weights actually loaded, not only a file's hash (absent in memory)."""
+    from vitscope.analysis.run import analyze
+    from vitscope.models import load_model
+    from vitscope.models import wrap_timm
+
+    first = load_model(str(tiny["model"]))
+    vit = wrap_timm(first.module, name="mine", spec="mine")  # an in-memory module: no weights file hash
+    assert vit.weights_sha256 is None
+    out = tmp_path / "run"
+    run = analyze(vit, tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")
+    assert run.manifest["model"]["state_sha256"] == vit.state_sha256() and run.manifest["model"]["dtype"] == "float32"
+    with torch.no_grad():
+        next(vit.module.parameters()).add_(1e-3)
+    with pytest.raises(RunMismatchError, match="loaded weights sha256"):
+        analyze(vit, tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")
+
+
+def test_state_sha256_follows_the_weights_not_the_object(tiny):
+    import hashlib
+
+    from vitscope.models import load_model
+
+    a, b = load_model(str(tiny["model"])), load_model(str(tiny["model"]))
+    assert a.state_sha256() == b.state_sha256()
+    # an independent digest of the same state: names, dtypes, shapes and raw bytes in name order
+    h = hashlib.sha256()
+    for name, t in sorted(a.module.state_dict().items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(bytes(t.contiguous().numpy().tobytes()))
+    assert a.state_sha256() == h.hexdigest()
+    b.module.to(torch.float64)
+    assert b.state_sha256() != a.state_sha256() and b.dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- resume after SIGKILL (CLI)

@@ -440,7 +440,9 @@ def _analyze_locked(
             console.print(f"run {store.path} is already complete; nothing to do (pass --overwrite to redo it)")
             return open_run(store.path)
         else:
-            manifest = {**old, "resumed": int(old.get("resumed", 0)) + 1, "command": command or old.get("command")}
+            invocations = list(old.get("invocations", [])) + manifest["invocations"]
+            manifest = {**old, "resumed": int(old.get("resumed", 0)) + 1, "command": command or old.get("command"),
+                        "invocations": invocations}
     store.path.mkdir(parents=True, exist_ok=True)
     store.remove_leftovers()
     store.write_manifest(manifest)
@@ -487,11 +489,14 @@ def _new_manifest(
         for r in image_set.records
     ]
     lay = vit.layout
+    state_sha = vit.state_sha256()
     model = {
         "spec": vit.spec,
         "name": vit.name,
         "library": vit.library,
         "weights_sha256": vit.weights_sha256,
+        "state_sha256": state_sha,
+        "dtype": str(vit.dtype).removeprefix("torch."),
         "weights": getattr(vit, "weights_path", None),
         "num_layers": vit.num_layers,
         "num_heads": vit.num_heads,
@@ -519,7 +524,10 @@ def _new_manifest(
     }
     fp, parts = fingerprint(
         {
-            "model": {"spec": vit.spec, "weights_sha256": vit.weights_sha256},
+            # The loaded weights themselves (not only a file's hash, absent for hub ids and
+            # in-memory modules), their dtype and the device type decide every number.
+            "model": {"spec": vit.spec, "weights_sha256": vit.weights_sha256, "state_sha256": state_sha,
+                      "dtype": model["dtype"]},
             "images": [[r["image_id"], r["path"], r["label"], r["size"]] for r in records],
             "settings": settings_d,
         }
@@ -539,6 +547,8 @@ def _new_manifest(
         "settings": settings_d,
         "chunks": {"size": settings.batch_size, "count": n_chunks},
         "versions": package_versions(),
+        # Every command that worked on the run (the first one and each resume), with its versions.
+        "invocations": [{"started": now_iso(), "command": command, "versions": package_versions()}],
         "failures": [],
         "counts": {"listed": len(records), "analysed": None, "failed": None},
     }

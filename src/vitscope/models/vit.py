@@ -78,6 +78,28 @@ class ViT:
     def num_tokens(self) -> int:
         return self.layout.num_tokens
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model's floating-point parameters (the first one found)."""
+        return next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+
+    def state_sha256(self) -> str:
+        """SHA-256 of the weights actually loaded: every parameter and buffer's name, dtype,
+        shape and bytes, in name order.
+
+        Unlike a weights file's hash this exists for hub downloads and in-memory modules too, and
+        it changes when weights are edited after loading, so a run can refuse to resume with other
+        weights. Costs one read of the weights (about 1 s per GB).
+        """
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.module.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        return h.hexdigest()
+
     def to(self, device: Union[str, torch.device]) -> "ViT":
         self.module.to(device)
         return self

@@ -70,10 +70,11 @@ def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     new_parts = new.get("fingerprint_parts", {})
     if old_parts.get("model") != new_parts.get("model"):
         om, nm = old.get("model", {}), new.get("model", {})
-        lines.append(
-            f"model: was {om.get('spec')!r} (weights sha256 {str(om.get('weights_sha256'))[:12]}), "
-            f"now {nm.get('spec')!r} (weights sha256 {str(nm.get('weights_sha256'))[:12]})"
-        )
+        def said(m: Mapping[str, Any]) -> str:
+            return (f"{m.get('spec')!r} (loaded weights sha256 {str(m.get('state_sha256'))[:12]}, "
+                    f"file sha256 {str(m.get('weights_sha256'))[:12]}, dtype {m.get('dtype')})")
+
+        lines.append(f"model: was {said(om)}, now {said(nm)}")
     if old_parts.get("images") != new_parts.get("images"):
         oi, ni = old.get("images", {}), new.get("images", {})
         orecs, nrecs = oi.get("records", []), ni.get("records", [])
