@@ -129,12 +129,31 @@ class Preprocessing:
         return (t - mean) / std
 
     def batch(self, images: Union[ImageLike, Sequence[ImageLike], Iterable[ImageLike]]) -> torch.Tensor:
-        """Many images -> ``(B, C, H, W)``."""
+        """Many images -> ``(B, C, H, W)``.
+
+        A floating-point ``torch.Tensor`` is taken as already preprocessed: ``(B, C, H, W)`` as a
+        batch, ``(C, H, W)`` as one image. Preprocessing it again would silently change the model's
+        input (a normalised ImageNet photo is not an image in [0, 1]). Paths, PIL images, numpy
+        arrays and integer tensors are images and go through the model's preprocessing.
+        """
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
             images = [images]
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             return images.float()
-        return torch.stack([self(im) for im in images])
+        return torch.stack([self._preprocessed(im) if _is_model_input(im) else self(im) for im in images])
+
+    def _preprocessed(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[0] != self.channels:
+            raise ValueError(
+                f"a floating-point tensor is taken as a preprocessed model input of shape ({self.channels}, H, W) "
+                f"or (B, {self.channels}, H, W), but this one has shape {tuple(x.shape)}; to have vitscope "
+                "preprocess an image, pass a path, a PIL image, a numpy array or a uint8 tensor"
+            )
+        return x.float()
+
+
+def _is_model_input(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
