@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -91,8 +92,6 @@ class ViT:
         it changes when weights are edited after loading, so a run can refuse to resume with other
         weights. Costs one read of the weights (about 1 s per GB).
         """
-        import hashlib
-
         h = hashlib.sha256()
         for name, t in sorted(self.module.state_dict().items()):
             t = t.detach().to("cpu").contiguous()
