@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import vitscope
-from harness import VIEWS, select, shot, wait_drawn
+from harness import ARTIFACTS, VIEWS, select, shot, wait_drawn
 
 
 def _selection(pg) -> dict:
@@ -119,6 +119,22 @@ def _check_svg(data: bytes, what: str) -> None:
     assert len(list(root.iter())) > 3, f"{what} is empty"
 
 
+def _check_html_parts_exported(panel, data: bytes, what: str) -> None:
+    """The partial-pruning bars are HTML on screen; the SVG must carry them as rects and text."""
+    root = ET.fromstring(data)
+    texts = " ".join(t.text or "" for t in root.iter() if t.tag.endswith("text"))
+    bars = panel.locator(".bar[data-mode]")
+    assert bars.count() == 6, "the partial-pruning bars are not on screen"
+    for i in range(bars.count()):
+        value = bars.nth(i).locator(".val").inner_text().strip()
+        name = bars.nth(i).locator(".name").inner_text().strip()
+        assert name in texts and value in texts, f"{what} lacks the bar {name!r} = {value}: {texts[:400]}"
+    assert "partial pruning of" in texts, f"{what} lacks the bars' caption"
+    fills = [r for r in root.iter() if r.tag.endswith("rect") and r.get("fill") == "rgb(0,114,178)"]
+    assert len(fills) >= 5, f"{what} has {len(fills)} blue bar fills, expected one per unselected mode"
+    assert any(g.tag.endswith("linearGradient") for g in root.iter()), f"{what} lacks the colour-scale gradients"
+
+
 def test_every_view_exports_png_svg_and_csv(page, open_app):
     for view in VIEWS:
         # A fresh load per view: Chromium holds back a tab's downloads after many in a row (it would
@@ -136,12 +152,15 @@ def test_every_view_exports_png_svg_and_csv(page, open_app):
                 raise AssertionError(f"view {view}'s {kind.upper()} export gave no download: {e}; page problems: {page.problems.report()}") from None
             path = Path(download.path())
             data = path.read_bytes()
+            (ARTIFACTS / f"export-{view}.{kind}").write_bytes(data)
             what = f"{view}'s {kind.upper()} export"
             assert download.suggested_filename.endswith("." + kind), download.suggested_filename
             if kind == "png":
                 _check_png(data, what)
             elif kind == "svg":
                 _check_svg(data, what)
+                if view == "head-importance":
+                    _check_html_parts_exported(panel, data, what)
             else:
                 df = pd.read_csv(io.BytesIO(data))
                 assert len(df) > 0 and len(df.columns) > 0, f"{what} has no rows"
