@@ -213,3 +213,42 @@ def test_clicks_link_the_views(page, open_app, browser_run):
     wait_drawn(page)
     assert page.evaluate("() => window.vitscope.selection().colour") == "correct"
     shot(page, "app-linked")
+
+
+@pytest.fixture(scope="module")
+def winft_run(tmp_path_factory):
+    """A run of a WinfT with random per-layer masks (random weights), and the masks themselves."""
+    import timm
+    import torch
+
+    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.models.builtin import fmnist_pretrained_cfg
+    from vitscope.train import ModelSpec, save_weights
+
+    gen = torch.Generator().manual_seed(3)
+    L, P = 6, 49
+    masks = (torch.rand(L, P, P, generator=gen) < 0.3) | torch.eye(P, dtype=torch.bool)
+    torch.manual_seed(0)
+    model = timm.create_model("winft_fmnist_tiny", masks=masks)
+    folder = tmp_path_factory.mktemp("winft")
+    weights = folder / "winft.safetensors"
+    save_weights(model, weights, ModelSpec("winft_fmnist_tiny", {}), fmnist_pretrained_cfg(), [str(i) for i in range(10)])
+    settings = AnalyzeSettings(batch_size=8, n_boot=20, curve_images=8, curve_points=2, ae_epochs=1, ae_min_steps=5, projection="pca", n_clusters=2)
+    run = vitscope.analyze(str(weights), "sample", folder / "run", limit=8, settings=settings, device="cpu", progress=False)
+    return run.path, weights, masks.numpy()
+
+
+def test_patch_interactions_show_a_winft_runs_masks(page, open_app, make_server, winft_run):
+    run_dir, weights, masks = winft_run
+    srv = make_server(run_dir, vitscope.load_model(str(weights), device="cpu"))
+    open_app(page, srv)
+    assert page.evaluate("async () => (await (await fetch('/api/run')).json()).capabilities.winft") is True
+    for layer, query in ((0, 0), (3, 10), (5, 48)):
+        select(page, ilayer=layer, query=query)
+        got = _rows(page, "patch-interactions").sort_values("key_patch")
+        np.testing.assert_array_equal(got["winft_allowed"].astype(bool).to_numpy(), masks[layer, query])
+        keys = int(page.locator('[data-role="winft-keys"]').get_attribute("data-keys"))
+        assert keys == int(masks[layer, query].sum()), (layer, query, keys)
+    text = page.locator('[data-view="patch-interactions"]').inner_text()
+    assert f"{masks[5].sum(-1).mean():.3f} per query in this layer" in text
+    shot(page, "view-patch-interactions-winft", '[data-view="patch-interactions"]')

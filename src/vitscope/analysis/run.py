@@ -709,6 +709,7 @@ class _Driver:
         st.write_table("pattern_clusters", pd.concat(cluster_frames, ignore_index=True))
         st.write_table("heads", heads)
         st.write_table("images", images)
+        self._model_masks()
         manifest = dict(self.manifest)
         manifest["failures"] = failures
         manifest["counts"] = {"listed": len(self.records), "analysed": int(len(images)), "failed": len(failures)}
@@ -843,6 +844,24 @@ class _Driver:
         st.write_table("interaction_agreement", agreement)
         path = self._interaction_state_path(self.n_chunks - 1)
         path.unlink(missing_ok=True)
+
+    def _model_masks(self) -> None:
+        """A masked-attention model's (WinfT's) allowed keys as ``winft_masks`` ``(L, P, P)`` uint8, so
+        the run shows the masks it was analysed under without the weights file."""
+        module = self.vit.module
+        if not callable(getattr(module, "allowed_masks", None)) or self.store.has_array("winft_masks"):
+            return
+        from vitscope.models.winft import mask_stats
+
+        lay = self.vit.layout
+        masks = module.allowed_masks().bool().cpu()
+        stats = mask_stats(masks, lay)
+        patch = masks[:, lay.patch_slice, lay.patch_slice].numpy().astype(np.uint8)
+        self.store.write_array("winft_masks", patch, chunks=(1, *patch.shape[1:]), attrs={
+            "dims": ["layer", "query_patch", "key_patch"], "what": "1 where the patch query may attend to the patch key",
+            "keys_per_query_by_layer": [float(v) for v in stats["keys_per_query_by_layer"]],
+            "keys_per_query": float(stats["keys_per_query"]), "sparsity": float(stats["sparsity"]),
+        })
 
     # gather ---------------------------------------------------------------
     def _gather(self) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:

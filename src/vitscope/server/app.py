@@ -187,7 +187,7 @@ def run_info(data: RunData, live: LiveModel) -> dict[str, Any]:
             "cls": layout.get("cls_index") is not None,
             "labels": labels,
             "interactions": "interaction_layers" in tables,
-            "winft": _is_winft(str(model.get("spec") or "")),
+            "winft": "winft_masks" in arrays,
             "pattern_kinds": kinds,
             "attention_mean": "attention_mean" in arrays,
         },
@@ -203,21 +203,6 @@ def _columns(data: RunData, table: str) -> list[str]:
     import pyarrow.parquet as pq
 
     return list(pq.read_schema(data.path / f"{table}.parquet").names)
-
-
-def _is_winft(spec: str) -> bool:
-    p = Path(spec)
-    if p.suffix != ".safetensors" or not p.is_file():
-        return False
-    try:
-        from safetensors import safe_open
-
-        from vitscope.models.loader import META_ARCH
-
-        with safe_open(str(p), framework="pt") as f:
-            return str((f.metadata() or {}).get(META_ARCH, "")).startswith("winft")
-    except Exception:  # noqa: BLE001 - an unreadable file is simply not a WinfT
-        return False
 
 
 def _int(text: Optional[str], what: str) -> int:
