@@ -179,6 +179,18 @@ def test_partial_pruning_random_vit(random_vit, rand_x):
         assert all(len(c) == 3 for c in df["top_classes"])
 
 
+def test_partial_pruning_from_a_kept_residual_stream(random_vit, rand_x):
+    """Given the stream entering the layer (as the server keeps it), the modes equal masked logits."""
+    x = rand_x[2:3]
+    streams = [random_vit.embed(x)]
+    random_vit.run_blocks(streams[0], 0, random_vit.num_layers - 1, on_block=lambda _i, out: streams.append(out))
+    for layer, head in [(0, 1), (2, 0)]:
+        df = partial_pruning(random_vit, None, layer, head, label=1, stream=streams[layer])
+        _check_partial(random_vit, x, df, layer, head, 1)
+    with pytest.raises(ValueError, match="residual stream entering block 1"):
+        partial_pruning(random_vit, None, 1, 0, stream=streams[1][0])
+
+
 def test_partial_pruning_deit(deit_tiny, imagenet_images):
     path = imagenet_images[0][4]
     x = deit_tiny.preprocess([path])

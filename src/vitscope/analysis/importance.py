@@ -239,7 +239,8 @@ def _single_image(vit: "ViT", image: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def partial_pruning(
-    vit: "ViT", image: Any, layer: int, head: int, label: Optional[int] = None, topk: int = 5
+    vit: "ViT", image: Any, layer: int, head: int, label: Optional[int] = None, topk: int = 5,
+    *, stream: Optional[torch.Tensor] = None,
 ) -> pd.DataFrame:
     """The paper's six partial-pruning modes of one head on one image.
 
@@ -253,6 +254,9 @@ def partial_pruning(
             tensor (float tensors are not preprocessed again).
         label: class whose probability is reported; ``None`` = the unpruned prediction.
         topk: how many top predictions to list per mode.
+        stream: the residual stream entering block ``layer`` for this image, ``(1, T, D)``, when the
+            caller has it (a server answering many heads of one image keeps it): the blocks before
+            ``layer`` are then not run again (and ``image`` is not read).
 
     Returns a DataFrame with columns ``mode`` (1..6), ``region``, ``label``, ``label_prob`` and the
     list columns ``top_classes``, ``top_names``, ``top_probs``.
@@ -261,9 +265,13 @@ def partial_pruning(
     """
     vit._require_head()
     _check_head(vit, layer, head)
-    x = _single_image(vit, image)
     n = len(MODES)
-    h = vit.run_blocks(vit.embed(x), 0, layer)
+    if stream is None:
+        h = vit.run_blocks(vit.embed(_single_image(vit, image)), 0, layer)
+    else:
+        h = stream
+        if h.ndim != 3 or h.shape[0] != 1 or h.shape[1] != vit.num_tokens:
+            raise ValueError(f"stream must be the (1, {vit.num_tokens}, D) residual stream entering block {layer}; got shape {tuple(h.shape)}")
     T, H = vit.num_tokens, vit.num_heads
     keep = torch.ones(n, H, T, T, dtype=h.dtype, device=h.device)
     for i, region in enumerate(MODES):

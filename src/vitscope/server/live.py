@@ -131,6 +131,7 @@ class LiveModel:
         self._inputs = LRU(64)
         self._layer_maps = LRU(16)
         self._impacts = LRU(8)
+        self._streams = LRU(8)
 
     @property
     def available(self) -> bool:
@@ -197,6 +198,17 @@ class LiveModel:
 
         return await self.worker.run(client, "attention", compute)
 
+    def _residual_streams(self, x: Any) -> list[Any]:
+        """The residual stream entering every block for one image (one forward, kept per image), so
+        that a head's partial pruning runs only the blocks from its layer on."""
+        import torch
+
+        with torch.no_grad():
+            h = self.vit.embed(x)
+            streams = [h]
+            self.vit.run_blocks(h, 0, self.vit.num_layers - 1, on_block=lambda _i, out: streams.append(out))
+        return streams
+
     def _layer_attention(self, image_id: int, layer: int) -> np.ndarray:
         x = self._input(image_id)
         for got, attn in self.vit.iter_attention(x, layers=[layer]):
@@ -215,7 +227,9 @@ class LiveModel:
             from vitscope.analysis.importance import partial_pruning
 
             t0 = time.perf_counter()
-            df = partial_pruning(vit, self._input(image_id)[0], layer, head, label=label)
+            x = self._input(image_id)
+            stream = self._streams.get(int(image_id), lambda: self._residual_streams(x))[layer]
+            df = partial_pruning(vit, x[0], layer, head, label=label, stream=stream)
             return partial_pruning_json(df, image_id, layer, head, vit.class_names, elapsed_ms=1000 * (time.perf_counter() - t0))
 
         return await self.worker.run(client, "partial_pruning", compute)
