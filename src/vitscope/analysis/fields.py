@@ -188,6 +188,17 @@ class FieldAccumulator:
                 self.sums[k] += np.where(ok, st[k], 0.0)
         return self
 
+    def merge(self, other: "FieldAccumulator") -> "FieldAccumulator":
+        """Fold in an accumulator over other images (same layers, grid and mass)."""
+        if other.count.shape != self.count.shape or other.mass != self.mass:
+            raise ValueError(f"cannot merge field accumulators of shapes {self.count.shape}/{other.count.shape} and masses {self.mass}/{other.mass}")
+        self.n_images += other.n_images
+        self.count += other.count
+        self.frequency_counts += other.frequency_counts
+        for k in self.sums:
+            self.sums[k] += other.sums[k]
+        return self
+
     def state(self) -> dict[str, np.ndarray]:
         out = {f"sums.{k}": v.copy() for k, v in self.sums.items()}
         out.update(n_images=np.asarray(self.n_images), count=self.count.copy(), frequency_counts=self.frequency_counts.copy(), mass=np.asarray(self.mass))

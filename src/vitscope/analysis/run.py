@@ -23,12 +23,13 @@ The run folder format is documented in docs/run-format.md; read it back with
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,8 @@ CURVE_METRICS: tuple[str, ...] = (*imp.METRICS, "random")
 _BOOL_SETTINGS = ("interactions",)
 #: False-discovery level of the interaction and field significance tests.
 INTERACTION_Q = 0.05
+#: Each chunk's own interaction and field statistics (``.npz``), merged over chunks at the end.
+INTERACTION_STATE = "interaction_state.npz"
 #: Zarr array of the interaction summary -> its key in ``InteractionAccumulator.summary()``.
 INTERACTION_ARRAYS = {
     "mean": "interaction_mean",
@@ -569,6 +572,8 @@ class _Driver:
         #: Seconds spent in each part of this invocation (recorded in the manifest as ``timings``).
         self.timings: dict[str, float] = {}
         self.clock = _Clock(self.timings)
+        #: Finished chunks found damaged and analysed again by this invocation (also in the manifest).
+        self.redone_chunks: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ chunks
     def chunk_records(self, index: int) -> list["ImageRecord"]:
@@ -588,11 +593,23 @@ class _Driver:
     def run_chunks(self, prog: Any) -> None:
         done = set(self.store.done_chunks())
         bad = [i for i in done if i >= self.n_chunks]
-        if bad or (done and sorted(done) != list(range(max(done) + 1))):
+        if bad:
             raise NotARunError(
-                f"{self.store.path}/chunks holds chunks {sorted(done)} that do not fit this run's {self.n_chunks} chunks; "
+                f"{self.store.path}/chunks holds chunks {sorted(bad)} beyond this run's {self.n_chunks} chunks; "
                 "the folder is damaged: rerun with --overwrite"
             )
+        # A chunk is trusted only when every file it lists is there, whole (size and SHA-256): a
+        # power loss or a hand can damage a finished chunk, and zarr would read a lost file as zeros.
+        for i in sorted(done):
+            why = self.store.verify_chunk(i)
+            if why is not None:
+                prog.log(f"chunk {i} ({len(self.chunk_records(i))} images) is damaged: {why}; analysing it again")
+                self.store.remove_chunk(i)
+                done.discard(i)
+                self.redone_chunks.append({"chunk": i, "reason": why, "when": now_iso()})
+        if self.redone_chunks:
+            self.manifest["redone_chunks"] = [*self.manifest.get("redone_chunks", []), *self.redone_chunks]
+            self.store.write_manifest(self.manifest)
         n_done_images = sum(len(self.chunk_records(i)) for i in done)
         task = prog.add_task("analysing images", total=len(self.records), completed=n_done_images)
         if done:
@@ -613,30 +630,25 @@ class _Driver:
                 analyze_batch(self.vit, b.x, b.labels, b.image_ids, pattern_size=self.settings.pattern_size, timings=self.timings)
                 for b in batches
             ]
+            blobs = {}
             if self.settings.interactions:
                 with self.clock("interactions"):
-                    self._interaction_chunk(i, batches, results)
+                    blobs[INTERACTION_STATE] = self._interaction_chunk(batches, results)
             with self.clock("write_chunks"):
-                self._write_chunk(i, records, batches, results, failures)
-            if self.settings.interactions:
-                self._drop_old_interaction_states(i)
+                self._write_chunk(i, records, batches, results, failures, blobs)
             prog.advance(task, len(records))
 
-    def _write_chunk(self, index: int, records: Sequence["ImageRecord"], batches: Sequence["Batch"], results: Sequence[BatchResult], failures: list[dict[str, Any]]) -> None:
-        vit = self.vit
-        L, H, T = vit.num_layers, vit.num_heads, vit.num_tokens
+    def _write_chunk(self, index: int, records: Sequence["ImageRecord"], batches: Sequence["Batch"], results: Sequence[BatchResult],
+                     failures: list[dict[str, Any]], blobs: Mapping[str, bytes]) -> None:
+        # Each chunk holds its own partial sums (attention, interaction statistics), merged in chunk
+        # order by the final steps: no chunk depends on another, so any one can be redone alone.
         if results:
             images = pd.concat([r.images for r in results], ignore_index=True)
             image_heads = pd.concat([r.image_heads for r in results], ignore_index=True)
             arrays = {k: np.concatenate([r.arrays[k] for r in results]) for k in results[0].arrays if k != "attention_sum"}
-            attn = np.sum([r.arrays["attention_sum"] for r in results], axis=0)
+            arrays["attention_sum"] = np.sum([r.arrays["attention_sum"] for r in results], axis=0)
         else:
             images, image_heads, arrays = None, None, {}
-            attn = np.zeros((L, H, T, T))
-        # The running sum of attention over all chunks so far lives in the newest chunk only.
-        if index > 0:
-            attn = attn + self.store.read_chunk_array(index - 1, "attention_running_sum")
-        arrays["attention_running_sum"] = attn
         tables = {}
         if images is not None:
             by_id = {r.image_id: r for r in records}
@@ -649,13 +661,7 @@ class _Driver:
             "analysed": [int(i) for b in batches for i in b.image_ids],
             "failures": failures,
         }
-        self.store.write_chunk(index, tables=tables, arrays=arrays, meta=meta)
-        if index > 0:
-            # Only the newest running sum is needed; dropping older ones keeps the folder small.
-            old = self.store.chunk_dir(index - 1) / "arrays.zarr" / "attention_running_sum"
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+        self.store.write_chunk(index, tables=tables, arrays=arrays, meta=meta, blobs=blobs)
 
     # ------------------------------------------------------------------ final steps
     def catalogues(self) -> dict[str, str]:
@@ -725,57 +731,46 @@ class _Driver:
         prog.update(task, description="final steps: done")
 
     # interactions (Paper 2, opt-in) --------------------------------------
-    def _interaction_state_path(self, index: int) -> Path:
-        return self.store.work_path(f"interactions/state_{index:05d}.npz")
-
-    def _load_interaction_state(self, index: int) -> tuple[Any, Any]:
-        """The running ``(InteractionAccumulator, FieldAccumulator)`` after chunk ``index`` (empty for ``-1``)."""
+    def _merged_interaction_state(self) -> tuple[Any, Any]:
+        """The ``(InteractionAccumulator, FieldAccumulator)`` over every chunk, merged in chunk order."""
         from vitscope.analysis.fields import FieldAccumulator
         from vitscope.analysis.interaction import InteractionAccumulator
 
         vit = self.vit
-        if index < 0:
-            return InteractionAccumulator.for_model(vit), FieldAccumulator(vit.num_layers, vit.layout)
-        path = self._interaction_state_path(index)
-        if not path.is_file():
-            raise NotARunError(f"{self.store.path} lacks the interaction statistics of chunk {index} ({path}); the folder is damaged: rerun with --overwrite")
-        with np.load(path) as z:
-            state = {k: z[k] for k in z.files}
+        inter, field = InteractionAccumulator.for_model(vit), FieldAccumulator(vit.num_layers, vit.layout)
+        for i in range(self.n_chunks):
+            path = self.store.chunk_dir(i) / INTERACTION_STATE
+            if not path.is_file():
+                raise NotARunError(f"{self.store.path} lacks the interaction statistics of chunk {i} ({path}); the folder is damaged: rerun with --overwrite")
+            with np.load(path) as z:
+                state = {k: z[k] for k in z.files}
 
-        def part(prefix: str) -> dict[str, np.ndarray]:
-            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            def part(prefix: str) -> dict[str, np.ndarray]:
+                return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
-        return InteractionAccumulator.from_state(part("interaction.")), FieldAccumulator.from_state(part("field."), vit.layout)
+            inter.merge(InteractionAccumulator.from_state(part("interaction.")))
+            field.merge(FieldAccumulator.from_state(part("field."), vit.layout))
+        return inter, field
 
-    def _interaction_chunk(self, index: int, batches: Sequence["Batch"], results: Sequence[BatchResult]) -> None:
-        """First-order impacts of one chunk: per-image key importance goes into the chunk's arrays, the
-        running accumulators (state after this chunk) into ``work/interactions/``.
+    def _interaction_chunk(self, batches: Sequence["Batch"], results: Sequence[BatchResult]) -> bytes:
+        """First-order impacts of one chunk: per-image key importance goes into the chunk's arrays;
+        the chunk's own interaction and field statistics are returned as ``.npz`` bytes (stored in
+        the chunk, merged over chunks by the final steps)."""
+        from vitscope.analysis.fields import FieldAccumulator
+        from vitscope.analysis.interaction import InteractionAccumulator, first_order_impact, key_importance
 
-        The state file is written before the chunk folder appears, so every finished chunk has its state;
-        a redone chunk starts again from the previous chunk's state, so resuming gives the same numbers.
-        """
-        from vitscope.analysis.interaction import first_order_impact, key_importance
-
-        inter, field = self._load_interaction_state(index - 1)
+        vit = self.vit
+        inter, field = InteractionAccumulator.for_model(vit), FieldAccumulator(vit.num_layers, vit.layout)
         for b, res in zip(batches, results):
-            r = first_order_impact(self.vit, b.x, np.array(res.images["target"], dtype=np.int64))
+            r = first_order_impact(vit, b.x, np.array(res.images["target"], dtype=np.int64))
             inter.update(r)
             field.update(r["impact"])
             res.arrays["interaction_key_importance"] = key_importance(r["impact"], r["prefix_impact"]).astype(np.float32)
         state = {f"interaction.{k}": np.asarray(v) for k, v in inter.state().items()}
         state.update({f"field.{k}": np.asarray(v) for k, v in field.state().items()})
-        path = self._interaction_state_path(index)
-        tmp = files.tmp_sibling(path)
-        with open(tmp, "wb") as f:
-            np.savez(f, **state)
-        files.publish(tmp, path)
-
-    def _drop_old_interaction_states(self, index: int) -> None:
-        """Only the newest state is needed once chunk ``index`` is written; older ones are deleted."""
-        folder = self.store.work_path("interactions/x").parent
-        for p in folder.glob("state_*.npz"):
-            if int(p.stem.split("_")[1]) < index:
-                p.unlink(missing_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, **state)
+        return buf.getvalue()
 
     def interaction_subsets(self, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(fit, evaluate)`` images of the window and removal curves: the seeded curve subset
@@ -806,7 +801,7 @@ class _Driver:
                            attrs={"dims": ["image", "key_patch"], "image_order": "images.parquet rows",
                                   "what": "first-order impact of each key patch summed over queries and layers"})
         if not st.has_table("field_layers"):  # written last in this block
-            inter, field = self._load_interaction_state(self.n_chunks - 1)
+            inter, field = self._merged_interaction_state()
             summ = inter.summary(q=INTERACTION_Q)
             attrs = {"dims": ["layer", "query_patch", "key_patch"], "images": int(inter.count), "q": INTERACTION_Q}
             for key, name in INTERACTION_ARRAYS.items():
@@ -842,8 +837,6 @@ class _Driver:
                                            keys=None if P <= AGREEMENT_KEYS else AGREEMENT_KEYS, seed=s.seed)
         agreement.insert(2, "image_id", pick["image_id"].to_numpy(dtype=np.int64)[agreement["image"].to_numpy()])
         st.write_table("interaction_agreement", agreement)
-        path = self._interaction_state_path(self.n_chunks - 1)
-        path.unlink(missing_ok=True)
 
     def _model_masks(self) -> None:
         """A masked-attention model's (WinfT's) allowed keys as ``winft_masks`` ``(L, P, P)`` uint8, so
@@ -898,7 +891,10 @@ class _Driver:
                     arr[pos : pos + len(part)] = part
                     pos += len(part)
         if not st.has_array("attention_mean"):
-            total = st.read_chunk_array(self.n_chunks - 1, "attention_running_sum")
+            vit = self.vit
+            total = np.zeros((vit.num_layers, H, vit.num_tokens, vit.num_tokens))
+            for i in with_rows:  # in chunk order, one chunk in memory at a time
+                total = total + st.read_chunk_array(i, "attention_sum")
             st.write_array(
                 "attention_mean",
                 (total / n).astype(np.float32),

@@ -8,6 +8,7 @@ file exists" is a reliable marker that the step that writes it has finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,8 +33,38 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform that cannot open folders (Windows): nothing more to do there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` and then every folder, deepest first, so that after a power
+    loss the tree is either absent (not yet published) or whole: no truncated file, no lost entry."""
+    folders = []
+    for root, _dirs, names in os.walk(path):
+        folders.append(Path(root))
+        for name in names:
+            _fsync_file(Path(root) / name)
+    for folder in reversed(folders):
+        fsync_dir(folder)
+
+
 def publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` (file or folder) is replaced."""
+    """Rename ``tmp`` to ``final`` durably; an existing ``final`` (file or folder) is replaced.
+
+    The caller has made ``tmp``'s contents durable (see :func:`fsync_tree`); the parent folder is
+    fsynced after the rename, so a published name survives a power loss too.
+    """
     if final.is_dir() and not final.is_symlink():
         # A folder cannot be renamed over a non-empty folder: move the old one aside first.
         old = tmp_sibling(final)
@@ -42,6 +73,39 @@ def publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, list[Any]]:
+    """``{relative path: [size in bytes, sha256 hex]}`` of every file under ``folder``."""
+    out: dict[str, list[Any]] = {}
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            p = Path(root) / name
+            out[p.relative_to(folder).as_posix()] = [p.stat().st_size, _sha256(p)]
+    return dict(sorted(out.items()))
+
+
+def check_digests(folder: Path, expected: dict[str, list[Any]]) -> Optional[str]:
+    """None when every file of ``expected`` is in ``folder`` with its size and sha256, else what is wrong."""
+    for rel, (size, digest) in expected.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        have = p.stat().st_size
+        if have != int(size):
+            return f"{rel} is {have} bytes, expected {int(size)}"
+        if _sha256(p) != digest:
+            return f"{rel} does not match its checksum"
+    return None
 
 
 def write_bytes(path: Path, data: bytes) -> None:

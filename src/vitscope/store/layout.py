@@ -11,6 +11,10 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.zarr"
 #: Per-chunk results of an unfinished (or finished, not yet cleaned) run: ``chunks/00000/`` ...
 CHUNKS = "chunks"
+#: Each chunk's metadata file, written last; it lists the chunk's other files under ``files``
+#: (``{relative path: [size, sha256]}``), which a resume checks before trusting the chunk.
+CHUNK_META = "chunk.json"
+CHUNK_FILES_KEY = "files"
 #: Intermediate results of the final steps (autoencoder weights), kept so a resume skips them.
 WORK = "work"
 #: Default output folder of ``vitscope report``.

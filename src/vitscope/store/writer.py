@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -21,7 +22,7 @@ from zarr.storage import LocalStore
 from vitscope.store import files
 from vitscope.store.errors import NotARunError
 from vitscope.store.lock import LOCK_NAME
-from vitscope.store.layout import ARRAYS, CHUNKS, FORMAT, MANIFEST, REPORT, TABLES, WORK
+from vitscope.store.layout import ARRAYS, CHUNK_FILES_KEY, CHUNK_META, CHUNKS, FORMAT, MANIFEST, REPORT, TABLES, WORK
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
@@ -85,6 +86,7 @@ def new_zarr_array(
         if attrs:
             arr.attrs.update(dict(attrs))
         yield arr
+        files.fsync_tree(tmp)
         files.publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,14 +195,14 @@ class RunStore:
         return self.chunks_path / f"{index:05d}"
 
     def chunk_done(self, index: int) -> bool:
-        return (self.chunk_dir(index) / "chunk.json").is_file()
+        return (self.chunk_dir(index) / CHUNK_META).is_file()
 
     def done_chunks(self) -> list[int]:
         if not self.chunks_path.is_dir():
             return []
         out = []
         for p in self.chunks_path.iterdir():
-            if p.name.isdigit() and (p / "chunk.json").is_file():
+            if p.name.isdigit() and (p / CHUNK_META).is_file():
                 out.append(int(p.name))
         return sorted(out)
 
@@ -211,8 +213,15 @@ class RunStore:
         tables: Mapping[str, pd.DataFrame],
         arrays: Mapping[str, np.ndarray],
         meta: Mapping[str, Any],
+        blobs: Optional[Mapping[str, bytes]] = None,
     ) -> None:
-        """Write one chunk's tables, arrays and metadata as a folder that appears all at once."""
+        """Write one chunk's tables, arrays, other files (``blobs``: name -> bytes) and metadata as a
+        folder that appears all at once, durably.
+
+        ``chunk.json`` lists every other file with its size and SHA-256 (key ``files``), so a resume
+        can tell a chunk that a power loss or a hand truncated (:meth:`verify_chunk`). Every file and
+        folder is fsynced before the folder is renamed into place, and the rename itself after.
+        """
         final = self.chunk_dir(index)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = files.tmp_sibling(final)
@@ -222,14 +231,44 @@ class RunStore:
                 df.reset_index(drop=True).to_parquet(tmp / f"{name}.parquet", index=False, engine="pyarrow")
             for name, data in arrays.items():
                 write_zarr_array(tmp / ARRAYS, name, np.asarray(data))
-            files.write_json(tmp / "chunk.json", dict(meta))
+            for name, data in (blobs or {}).items():
+                (tmp / name).write_bytes(data)
+            listed = {**dict(meta), CHUNK_FILES_KEY: files.file_digests(tmp)}
+            files.fsync_tree(tmp)
+            files.write_json(tmp / CHUNK_META, listed)
+            files.fsync_dir(tmp)
             files.publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    def verify_chunk(self, index: int) -> Optional[str]:
+        """None when chunk ``index`` holds every file its ``chunk.json`` lists, with the listed size and
+        SHA-256; otherwise why not (so the caller can redo the chunk and say so)."""
+        folder = self.chunk_dir(index)
+        try:
+            meta = files.read_json(folder / CHUNK_META)
+        except (OSError, ValueError) as e:
+            return f"its {CHUNK_META} is unreadable ({e})"
+        listed = meta.get(CHUNK_FILES_KEY) if isinstance(meta, dict) else None
+        if not isinstance(listed, dict):
+            return f"its {CHUNK_META} has no list of files to check"
+        return files.check_digests(folder, listed)
+
+    def remove_chunk(self, index: int) -> None:
+        """Delete chunk ``index`` (moved aside first, so a half-deleted chunk never looks done)."""
+        folder = self.chunk_dir(index)
+        if folder.exists():
+            aside = files.tmp_sibling(folder)
+            os.rename(folder, aside)
+            files.fsync_dir(folder.parent)
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def read_chunk_blob(self, index: int, name: str) -> bytes:
+        return (self.chunk_dir(index) / name).read_bytes()
+
     def read_chunk_meta(self, index: int) -> dict[str, Any]:
-        return files.read_json(self.chunk_dir(index) / "chunk.json")
+        return files.read_json(self.chunk_dir(index) / CHUNK_META)
 
     def read_chunk_table(self, index: int, name: str) -> pd.DataFrame:
         return files.read_parquet(self.chunk_dir(index) / f"{name}.parquet")
