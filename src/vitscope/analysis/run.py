@@ -38,7 +38,7 @@ import torch
 from vitscope.analysis import importance as imp
 from vitscope.analysis import strength as stg
 from vitscope.store import files
-from vitscope.store.errors import NotARunError, RunMismatchError
+from vitscope.store.errors import DamagedChunkWarning, NotARunError, RunMismatchError
 from vitscope.store.lock import RunLock
 from vitscope.store.layout import FORMAT, FORMAT_VERSION, STATUS_COMPLETE, STATUS_RUNNING
 from vitscope.store.manifest import describe_mismatch, fingerprint, now_iso, package_versions
@@ -603,7 +603,9 @@ class _Driver:
         for i in sorted(done):
             why = self.store.verify_chunk(i)
             if why is not None:
-                prog.log(f"chunk {i} ({len(self.chunk_records(i))} images) is damaged: {why}; analysing it again")
+                message = f"chunk {i} ({len(self.chunk_records(i))} images) of {self.store.path} is damaged: {why}; analysing it again"
+                prog.log(message)
+                warnings.warn(message, DamagedChunkWarning, stacklevel=2)
                 self.store.remove_chunk(i)
                 done.discard(i)
                 self.redone_chunks.append({"chunk": i, "reason": why, "when": now_iso()})

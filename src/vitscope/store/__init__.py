@@ -6,12 +6,13 @@ Layout (see docs/run-format.md): ``manifest.json``, tidy Parquet tables (``image
 interrupted run resumable.
 """
 
-from vitscope.store.errors import NotARunError, RunError, RunLockedError, RunMismatchError, UnfinishedRunError
+from vitscope.store.errors import DamagedChunkWarning, NotARunError, RunError, RunLockedError, RunMismatchError, UnfinishedRunError
 from vitscope.store.lock import RunLock
 from vitscope.store.reader import PATTERN_KINDS, PatternCatalogue, Run, open_run
 from vitscope.store.writer import RunStore
 
 __all__ = [
+    "DamagedChunkWarning",
     "PATTERN_KINDS",
     "NotARunError",
     "PatternCatalogue",

@@ -21,3 +21,7 @@ class RunMismatchError(RunError):
 
 class RunLockedError(RunError):
     """Another process holds the run folder's lock (another ``analyze`` writing the same run)."""
+
+
+class DamagedChunkWarning(UserWarning):
+    """A finished chunk of an unfinished run failed its size/checksum check and is analysed again."""
