@@ -247,11 +247,41 @@ def test_run_tables_follow_the_contract(tiny_run, tiny):
     np.testing.assert_allclose(heads.set_index(["layer", "head"])["entropy_mean"].loc[ent.index], ent.to_numpy(), rtol=1e-5)
     # agreement: every pair of the five metrics
     assert len(run.agreement) == 10
-    # curves: one per metric plus random; k = 0 is the unpruned accuracy on all 9 images
-    assert set(run.curves["metric"]) == {"acc_drop", "prob_drop", "loss_increase", "layer_change", "taylor", "random"}
-    k0 = run.curves[run.curves["k"] == 0]["accuracy"]
-    np.testing.assert_allclose(k0, im["correct"].mean())
-    assert run.curves["k"].max() == L * H
+    # curves: one per metric plus random, held out and in-sample; k = 0 is the unpruned accuracy on
+    # the evaluation images (at most half the images; the others rank the heads)
+    cv = run.curves
+    assert set(cv["metric"]) == {"acc_drop", "prob_drop", "loss_increase", "layer_change", "taylor", "random"}
+    assert set(cv["ranking"]) == {"held_out", "in_sample"}
+    evaluate = im[im["curve_split"] == "evaluate"]
+    assert len(evaluate) == 4 and (im["curve_split"] == "rank").sum() == 5
+    k0 = cv[cv["k"] == 0]["accuracy"]
+    np.testing.assert_allclose(k0, evaluate["correct"].mean())
+    assert set(cv["n_images"]) == {4} and set(cv.loc[cv["ranking"] == "held_out", "n_rank_images"]) == {5}
+    assert cv["k"].max() == L * H
+
+
+def test_held_out_curves_rank_on_other_images_than_they_measure(tiny_run):
+    """The held-out prob_drop curve prunes the heads ranked on the `rank` images only (pandas here),
+    and its accuracy is the pruned model's on the `evaluate` images (masked logits here)."""
+    import vitscope
+
+    run = open_run(tiny_run.path)
+    vit = vitscope.load_model(run.manifest["model"]["spec"], device="cpu")
+    im, ih, T = run.images, run.image_heads, vit.num_tokens
+    rank = im[im["curve_split"] == "rank"]
+    evaluate = im[im["curve_split"] == "evaluate"]
+    assert not set(rank["image_id"]) & set(evaluate["image_id"])
+    rows = ih[ih["image_id"].isin(rank["image_id"])].merge(rank[["image_id", "base_prob"]], on="image_id")
+    drop = (rows["base_prob"] - rows["pruned_prob"]).groupby([rows["layer"], rows["head"]]).mean()
+    order = sorted(drop.index, key=lambda lh: (-drop[lh], lh[0], lh[1]))
+    cv = run.curves[(run.curves["ranking"] == "held_out") & (run.curves["metric"] == "prob_drop")].set_index("k")
+    x = vit.preprocess(list(evaluate["path"]))
+    targets = torch.tensor(evaluate["target"].to_numpy())
+    for k in [k for k in cv.index if 0 < k < len(order)]:
+        pruned = vit.logits(x, masks={lh: torch.ones(T, T, dtype=torch.bool) for lh in order[:k]})
+        acc = float((pruned.argmax(-1) == targets).double().mean())
+        prob = float(pruned.double().softmax(-1).gather(1, targets[:, None]).mean())
+        assert math.isclose(cv.loc[k, "accuracy"], acc) and math.isclose(cv.loc[k, "mean_prob"], prob, rel_tol=1e-5), k
 
 
 def test_run_numbers_match_independent_references(tiny_run):
@@ -376,7 +406,7 @@ def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_p
 
     target = {
         "chunk": (run_mod, "analyze_batch", 2),
-        "curves": (importance, "pruning_curves", 1),
+        "curves": (importance, "pruning_curves_by_ranking", 1),
         "catalogue": (patterns, "catalogue_patterns", 2),
         "overview": (patterns, "image_overview", 1),
     }[stage]

@@ -150,17 +150,31 @@ def fig_agreement(run: "Run") -> "Figure":
 def fig_curves(run: "Run") -> "Figure":
     """Accuracy as the most important heads (by each metric) are pruned together."""
     cv = run.curves
+    if "ranking" not in cv:  # a run from before held-out curves
+        cv = cv.assign(ranking="in_sample")
+    held = (cv["ranking"] == "held_out").any()
     fig = _new_figure(6.4, 4.4)
     ax = fig.subplots()
-    for metric, g in cv.groupby("metric", sort=False):
+    colours = {}
+    # Held-out curves (heads ranked on other images) are the result; in-sample ones (ranked on the
+    # measured images themselves) are drawn thin and dotted, for comparison only.
+    for (ranking, metric), g in cv.groupby(["ranking", "metric"], sort=False):
         g = g.sort_values("k")
-        style = dict(ls="--", color="0.4") if metric == "random" else {}
-        ax.plot(g["k"], g["accuracy"], marker="o", ms=3.5, label=METRIC_LABELS.get(str(metric), str(metric)), **style)
+        label = METRIC_LABELS.get(str(metric), str(metric))
+        if metric == "random":
+            if ranking == "in_sample" and held:
+                continue  # the same random order in both
+            ax.plot(g["k"], g["accuracy"], ls="--", color="0.4", marker="o", ms=3.5, label=label)
+        elif ranking == "held_out" or not held:
+            (line,) = ax.plot(g["k"], g["accuracy"], marker="o", ms=3.5, label=label)
+            colours[metric] = line.get_color()
+        else:
+            ax.plot(g["k"], g["accuracy"], ls=":", lw=1.0, color=colours.get(metric, "0.6"), label=f"{label} (in-sample)")
     n = int(cv["n_images"].iloc[0]) if "n_images" in cv and len(cv) else None
     ax.set_xlabel("heads pruned (most important first)")
-    ax.set_ylabel("accuracy" + (f" ({n} images)" if n else ""))
+    ax.set_ylabel("accuracy" + (f" ({n} held-out images)" if n and held else f" ({n} images)" if n else ""))
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Cumulative pruning curves")
+    ax.set_title("Cumulative pruning curves" + (" (heads ranked on other images)" if held else ""))
     ax.legend(title="order by", fontsize=8)
     ax.grid(alpha=0.3)
     return fig

@@ -541,6 +541,39 @@ def _curves(
     return df.reset_index(drop=True)
 
 
+def pruning_curves_by_ranking(
+    vit: "ViT",
+    batches: Iterable[Any],
+    rankings: Mapping[str, pd.DataFrame],
+    metrics: Sequence[str],
+    *,
+    steps: Optional[Sequence[int]] = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """:func:`pruning_curves` for several head rankings at once (e.g. ``{"held_out": heads ranked on
+    other images, "in_sample": heads ranked on these images}``), in one pass over ``batches``.
+
+    Each ``rankings[name]`` is a :func:`summarize_importance` table; identical pruned sets across
+    rankings are evaluated once. Returns the columns of :func:`pruning_curves` after ``ranking``.
+    """
+    orders: dict[str, list[tuple[int, int]]] = {}
+    for name, heads in rankings.items():
+        for m in metrics:
+            if m == "random":  # the same seeded permutation for every ranking: a shared baseline
+                ranked = heads.sort_values(["layer", "head"]).iloc[np.random.default_rng(seed).permutation(len(heads))]
+            elif m not in heads.columns:
+                raise ValueError(f"ranking {name!r} has no column {m!r}; available: {list(heads.columns)} (or 'random')")
+            else:
+                ranked = heads.sort_values([m, "layer", "head"], ascending=[False, True, True], na_position="last", kind="mergesort")
+            orders[f"{name}\x00{m}"] = _order_list(vit, ranked, m)
+    ks = {key: _check_steps(steps, len(o), key.split("\x00")[1]) for key, o in orders.items()}
+    df = _curves(vit, batches, orders, ks)
+    split = df["metric"].str.split("\x00", n=1, expand=True)
+    df.insert(0, "ranking", split[0])
+    df["metric"] = split[1]
+    return df
+
+
 def pruning_curve(
     vit: "ViT", batches: Iterable[Any], order: HeadOrder, steps: Optional[Sequence[int]] = None
 ) -> pd.DataFrame:

@@ -111,8 +111,9 @@ class AnalyzeSettings:
             0 = all maps.
         n_clusters: number of pattern clusters per catalogue.
         projection: 2-D projection of the latent codes: ``"umap"``, ``"tsne"`` or ``"pca"``.
-        curve_images: images (a seeded random subset) used for the cumulative pruning curves,
-            which cost about one forward per curve point and metric; 0 = all images.
+        curve_images: images (a seeded random subset, at most half the images) the cumulative
+            pruning curves are measured on, which costs about one forward per curve point and
+            metric; the heads are ranked on the other images (held out). 0 = half the images.
         curve_points: number of points ``k`` (heads removed) on each pruning curve.
         interactions: also compute Paper 2's patch interactions (first-order edge impacts with
             significance), responsive fields, the window-design curve, the patch-removal curve and
@@ -692,7 +693,7 @@ class _Driver:
             heads = self._summaries(images_base, image_heads)
         with step("curves", "pruning curves"):
             if not st.has_table("curves"):
-                st.write_table("curves", self._curves(images_base, heads))
+                st.write_table("curves", self._curves(images_base, image_heads, heads))
         pattern_frames, cluster_frames, dominant = [], [], []
         for kind, input_kind in cats.items():
             with step(f"patterns_{kind}", f"{kind} attention patterns"):
@@ -711,6 +712,7 @@ class _Driver:
         for dom in dominant:
             heads = heads.merge(dom, on=["layer", "head"], how="left", validate="one_to_one")
         images = images_base.copy()
+        images["curve_split"] = self.curve_split(images_base)
         images["overview_x"] = overview[:, 0].astype(np.float64)
         images["overview_y"] = overview[:, 1].astype(np.float64)
         st.write_table("patterns", pd.concat(pattern_frames, ignore_index=True))
@@ -927,8 +929,32 @@ class _Driver:
         pick = np.sort(rng.choice(len(images), size=n, replace=False))
         return images.iloc[pick]
 
-    def _curves(self, images: pd.DataFrame, heads: pd.DataFrame) -> pd.DataFrame:
-        subset = self.curve_subset(images)
+    def curve_split(self, images: pd.DataFrame) -> np.ndarray:
+        """Each analysed image's part in the pruning curves: ``"evaluate"`` (the curves are measured
+        on it) or ``"rank"`` (the heads are ranked on it), in image order.
+
+        Ranking heads on the images a curve is measured on flatters every metric (it is fitted to
+        them), so the curves are held out: the evaluation images are the seeded curve subset, at most
+        half the images, and the heads are ranked on all the others. With fewer than two images
+        there is nothing to hold out and every image is both ranked and evaluated.
+        """
+        n = len(images)
+        role = np.full(n, "rank", dtype=object)
+        if n < 2:
+            role[:] = "evaluate"
+            return role
+        size = self.settings.curve_images
+        size = n // 2 if size == 0 or size > n // 2 else size
+        rng = np.random.default_rng(self.settings.seed)
+        role[rng.choice(n, size=size, replace=False)] = "evaluate"
+        return role
+
+    def _curves(self, images: pd.DataFrame, image_heads: pd.DataFrame, heads: pd.DataFrame) -> pd.DataFrame:
+        """Held-out curves (heads ranked on the ``rank`` images, measured on the ``evaluate`` ones) and,
+        for comparison, in-sample curves (ranked on every image, these included), in one pass."""
+        role = self.curve_split(images)
+        subset = images[role == "evaluate"]
+        rank_ids = set(images.loc[role == "rank", "image_id"].astype(int))
         by_id = {r.image_id: r for r in self.records}
         records = [by_id[int(i)] for i in subset["image_id"]]
         targets = dict(zip(subset["image_id"].astype(int), subset["target"].astype(int)))
@@ -937,9 +963,15 @@ class _Driver:
             for b in self._decode(records, lambda rec, why: None):
                 yield b.x, torch.tensor([targets[i] for i in b.image_ids])
 
-        K = len(heads)
-        steps = imp.default_steps(K, self.settings.curve_points)
-        return imp.pruning_curves(self.vit, batches(), heads, list(CURVE_METRICS), steps=steps, seed=self.settings.seed)
+        rankings = {"in_sample": heads}
+        if rank_ids:
+            rank_images = images[images["image_id"].astype(int).isin(rank_ids)]
+            held = imp.summarize_importance(image_heads[image_heads["image_id"].astype(int).isin(rank_ids)], rank_images, n_boot=0)
+            rankings = {"held_out": held, **rankings}
+        steps = imp.default_steps(len(heads), self.settings.curve_points)
+        df = imp.pruning_curves_by_ranking(self.vit, batches(), rankings, list(CURVE_METRICS), steps=steps, seed=self.settings.seed)
+        df["n_rank_images"] = np.where(df["ranking"] == "held_out", len(rank_ids), len(images))
+        return df
 
     # patterns -------------------------------------------------------------
     def _patterns(self, kind: str, input_kind: str, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

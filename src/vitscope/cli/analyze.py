@@ -34,7 +34,7 @@ def analyze(
     ae_min_steps: int = typer.Option(600, "--ae-min-steps", min=0, help="at least this many autoencoder training steps (small image sets get more epochs)"),
     n_clusters: int = typer.Option(10, "--clusters", min=1, help="pattern clusters per catalogue (patch-to-patch, CLS)"),
     projection: str = typer.Option("umap", "--projection", help="2-D projection of the pattern codes: umap, tsne or pca"),
-    curve_images: int = typer.Option(100, "--curve-images", min=0, help="images (seeded subset) for the cumulative pruning curves; 0 = all"),
+    curve_images: int = typer.Option(100, "--curve-images", min=0, help="images (seeded subset, at most half) the cumulative pruning curves are measured on; heads are ranked on the others; 0 = half"),
     interactions: bool = typer.Option(
         False,
         "--interactions/--no-interactions",
