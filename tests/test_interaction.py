@@ -22,6 +22,7 @@ from vitscope.analysis.interaction import (
     knockout_agreement,
     knockout_impact,
     ttest_pvalues,
+    zero_spread,
 )
 from vitscope.capture.runtime import LayerPlan
 
@@ -219,8 +220,20 @@ def test_ttest_matches_scipy():
         ref = stats.ttest_1samp(data, 0.0, alternative=alt)
         np.testing.assert_allclose(t, ref.statistic, rtol=1e-10)
         np.testing.assert_allclose(p, ref.pvalue, rtol=1e-8)
-    t, p = ttest_pvalues(np.array([1.0, 0.0, -1.0]), np.zeros(3), 10)
-    np.testing.assert_array_equal(p, [0.0, 1.0, 1.0])
+    # Zero spread: the exact sign test (all 10 impacts share one sign), not p = 0.
+    n = 10
+    const = np.array([[2.5] * n, [0.0] * n, [-1.0] * n]).T  # (images, cells)
+    w = Welford((3,)).update(const)
+    for alt in ("greater", "less", "two-sided"):
+        _, p = ttest_pvalues(w.mean, w.sem, w.count, alt)
+        ref = []
+        for v in const[0]:
+            positives = n if v > 0 else 0
+            tested = {"greater": v > 0, "less": v < 0, "two-sided": v != 0}[alt]
+            ref.append(stats.binomtest(positives, n, 0.5, alternative=alt).pvalue if tested else 1.0)
+        np.testing.assert_allclose(p, ref, rtol=1e-12, err_msg=alt)
+    assert zero_spread(w.mean, w.sem).tolist() == [True, True, True]
+    assert not zero_spread(np.array([1.0]), np.array([1e-6])).any()
 
 
 def _naive_bh(p: np.ndarray, q: float) -> np.ndarray:
@@ -262,6 +275,8 @@ def test_interaction_summary_matches_naive_tests():
     np.testing.assert_allclose(s["p_value"], ref_p, rtol=1e-8)
     for l in range(L):
         np.testing.assert_array_equal(s["significant"][l].ravel(), _naive_bh(ref_p[l].ravel(), 0.05))
+    # across layers: one family of every edge of every layer
+    np.testing.assert_array_equal(s["significant_all"].ravel(), _naive_bh(ref_p.ravel(), 0.05))
     assert s["significant"][0, 1, :3].all() and s["significant"][1, 4, 4]
     np.testing.assert_allclose(s["key_importance_mean"], key_importance(data, data[:, :, :1, :]).mean(0), rtol=1e-10)
     np.testing.assert_allclose(s["abs_mean"], np.abs(data).mean(0), rtol=1e-10)

@@ -573,9 +573,15 @@ def ttest_pvalues(mean: np.ndarray, sem: np.ndarray, n: int, alternative: str = 
     """One-sample t-test of ``mean = 0`` from summary statistics: returns ``(t, p)``.
 
     ``alternative``: ``"greater"`` (mean > 0, the default for responsive fields), ``"less"`` or
-    ``"two-sided"``. ``t = mean / sem`` with ``n - 1`` degrees of freedom. Cells with zero spread
-    get ``p = 0`` when their mean points the tested way and 1 otherwise; with ``n < 2``, ``t``
-    is NaN and every p-value is 1 (no evidence).
+    ``"two-sided"``. ``t = mean / sem`` with ``n - 1`` degrees of freedom. With ``n < 2``, ``t`` is
+    NaN and every p-value is 1 (no evidence).
+
+    Zero spread (every image gave the same impact, ``sem <= 1e-12 |mean|``): the t-test is
+    undefined there (``t`` is reported as +-inf), and treating it as ``p = 0`` would make one
+    constant edge beat any real evidence. Such a cell gets the exact sign test instead: all ``n``
+    impacts share one sign, so ``p = 2**-n`` when that sign is the tested one (``2 * 2**-n``
+    two-sided) and 1 otherwise; a cell that is exactly 0 everywhere gets ``p = 1``.
+    :func:`zero_spread` tells these cells apart.
     """
     from scipy import stats
 
@@ -585,9 +591,10 @@ def ttest_pvalues(mean: np.ndarray, sem: np.ndarray, n: int, alternative: str = 
         raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
     if n < 2:
         return np.full(mean.shape, np.nan), np.ones(mean.shape)
+    flat = zero_spread(mean, sem)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = mean / sem
-    t = np.where(sem > 0, t, np.where(mean > 0, np.inf, np.where(mean < 0, -np.inf, 0.0)))
+    t = np.where(flat, np.where(mean > 0, np.inf, np.where(mean < 0, -np.inf, 0.0)), t)
     dist = stats.t(df=n - 1)
     if alternative == "greater":
         p = dist.sf(t)
@@ -595,9 +602,18 @@ def ttest_pvalues(mean: np.ndarray, sem: np.ndarray, n: int, alternative: str = 
         p = dist.cdf(t)
     else:
         p = 2 * dist.sf(np.abs(t))
-    zero = (sem == 0) & (mean == 0)
-    p = np.where(zero, 1.0, p)
+    sign_p = 0.5 ** float(n) * (2.0 if alternative == "two-sided" else 1.0)
+    tested_way = {"greater": mean > 0, "less": mean < 0, "two-sided": mean != 0}[alternative]
+    p = np.where(flat, np.where(tested_way, sign_p, 1.0), p)
     return t, np.clip(p, 0.0, 1.0)
+
+
+def zero_spread(mean: np.ndarray, sem: np.ndarray) -> np.ndarray:
+    """Cells whose impacts did not vary over the images (``sem <= 1e-12 |mean|``, exact zeros
+    included): :func:`ttest_pvalues` gives them the sign test, not the t-test."""
+    mean = np.asarray(mean, dtype=np.float64)
+    sem = np.asarray(sem, dtype=np.float64)
+    return ~(sem > 1e-12 * np.abs(mean))
 
 
 def benjamini_hochberg(p: np.ndarray, q: float = 0.05, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -623,8 +639,16 @@ def interaction_summary(acc: Welford, q: float = 0.05, alternative: str = "great
     """Mean, spread and significance of per-edge impacts accumulated in ``acc`` (shape ``(L, ...)``).
 
     Returns ``n`` (images), ``mean``, ``std`` (``ddof=1``), ``sem``, ``t``, ``p_value`` (one-sample
-    t-test, see :func:`ttest_pvalues`), ``q_value`` (BH-adjusted within each layer, i.e. over all
-    cells of ``acc.shape[1:]``) and ``significant`` (``q_value <= q``); all arrays have ``acc.shape``.
+    t-test, see :func:`ttest_pvalues`; the sign test where ``zero_spread``), ``zero_spread``,
+    ``q_value`` (BH-adjusted within each layer, i.e. over all cells of ``acc.shape[1:]``) and
+    ``significant`` (``q_value <= q``), and ``q_value_all`` / ``significant_all`` (BH over every
+    cell of every layer at once); all arrays have ``acc.shape``.
+
+    Within-layer control is the default (fields, tables and figures use it) because every claim
+    the analyses make is about one layer (its fields, its window, its share of significant edges)
+    and layers differ by orders of magnitude in impact, so one family per layer keeps a strongly
+    interacting layer from lowering the bar for the others. ``*_all`` controls the false discovery
+    rate over the whole model, for claims that span layers ("edges significant anywhere").
     """
     if acc.count < 2:
         raise ValueError(f"significance needs at least 2 images; the accumulator holds {acc.count}")
@@ -632,6 +656,7 @@ def interaction_summary(acc: Welford, q: float = 0.05, alternative: str = "great
     t, p = ttest_pvalues(acc.mean, sem, acc.count, alternative)
     L = acc.shape[0]
     adjusted, rejected = benjamini_hochberg(p.reshape(L, -1), q=q, axis=1)
+    adjusted_all, rejected_all = benjamini_hochberg(p.reshape(-1), q=q)
     return {
         "n": np.asarray(acc.count, dtype=np.int64),
         "mean": acc.mean.copy(),
@@ -639,8 +664,11 @@ def interaction_summary(acc: Welford, q: float = 0.05, alternative: str = "great
         "sem": sem,
         "t": t,
         "p_value": p,
+        "zero_spread": zero_spread(acc.mean, sem),
         "q_value": adjusted.reshape(acc.shape),
         "significant": rejected.reshape(acc.shape),
+        "q_value_all": adjusted_all.reshape(acc.shape),
+        "significant_all": rejected_all.reshape(acc.shape),
     }
 
 
@@ -648,7 +676,9 @@ def interaction_layer_table(summary: Mapping[str, np.ndarray], layout: "TokenLay
     """One row per layer describing its patch edges.
 
     Columns: ``layer``, ``n_images``, ``n_edges``, ``n_significant`` (significantly positive),
-    ``frac_significant``, ``mean_impact`` (over all edges), ``mean_abs_impact`` (mean over edges of
+    ``frac_significant``, ``n_significant_all`` (significant under BH over every layer at once; -1
+    when ``summary`` lacks it), ``n_zero_spread`` (edges that did not vary over the images),
+    ``mean_impact`` (over all edges), ``mean_abs_impact`` (mean over edges of
     the mean absolute impact; needs ``abs_mean`` in ``summary``, NaN otherwise),
     ``self_impact`` (mean over the ``i -> i`` edges), ``max_impact``, ``significant_distance``
     (mean Euclidean distance in patches of the significant edges; NaN if none) and
@@ -669,6 +699,8 @@ def interaction_layer_table(summary: Mapping[str, np.ndarray], layout: "TokenLay
                 "n_edges": m.size,
                 "n_significant": int(s.sum()),
                 "frac_significant": float(s.mean()),
+                "n_significant_all": int(np.asarray(summary["significant_all"], dtype=bool)[l].sum()) if "significant_all" in summary else -1,
+                "n_zero_spread": int(np.asarray(summary["zero_spread"], dtype=bool)[l].sum()) if "zero_spread" in summary else -1,
                 "mean_impact": float(m.mean()),
                 "mean_abs_impact": float(np.asarray(summary["abs_mean"])[l].mean()) if "abs_mean" in summary else np.nan,
                 "self_impact": float(np.diagonal(m).mean()),

@@ -68,6 +68,9 @@ INTERACTION_ARRAYS = {
     "p_value": "interaction_p",
     "q_value": "interaction_q",
     "significant": "interaction_significant",
+    "q_value_all": "interaction_q_all",
+    "significant_all": "interaction_significant_all",
+    "zero_spread": "interaction_zero_spread",
     "abs_mean": "interaction_abs_mean",
 }
 #: Estimate-vs-knock-out agreement: images, random patch queries per layer (plus CLS), and at most
