@@ -230,6 +230,11 @@ def test_run_tables_follow_the_contract(tiny_run, tiny):
         assert {m, f"{m}_lo", f"{m}_hi"} <= set(heads.columns)
         assert (heads[f"{m}_lo"] <= heads[m] + 1e-12).all() and (heads[m] <= heads[f"{m}_hi"] + 1e-12).all()
     assert {"entropy_mean", "entropy_q25", "entropy_median", "entropy_q75", "pattern_cluster"} <= set(heads.columns)
+    assert set(heads["target"]) == {"label"} and set(heads["n_labelled"]) == {9}
+    # Michel et al.'s per-layer L2 normalisation, by a direct loop
+    for l in range(L):
+        t = heads.loc[heads["layer"] == l, "taylor"].to_numpy()
+        np.testing.assert_allclose(heads.loc[heads["layer"] == l, "taylor_layer_norm"], t / math.sqrt(sum(v * v for v in t)), rtol=1e-12)
     assert len(im) == 9 and len(ih) == 9 * L * H and len(heads) == L * H
     assert not ih.duplicated(["image_id", "layer", "head"]).any()
     assert set(ih["image_id"]) == set(im["image_id"])
@@ -258,6 +263,27 @@ def test_run_tables_follow_the_contract(tiny_run, tiny):
     np.testing.assert_allclose(k0, evaluate["correct"].mean())
     assert set(cv["n_images"]) == {4} and set(cv.loc[cv["ranking"] == "held_out", "n_rank_images"]) == {5}
     assert cv["k"].max() == L * H
+
+
+def test_unlabelled_and_mixed_runs_say_what_their_metrics_measure(tiny, tmp_path):
+    from vitscope.analysis.run import analyze
+    from vitscope.data import VitscopeDataWarning
+
+    paths = sorted(tiny["images"].glob("img0*.png"))[:4]
+    run = analyze(str(tiny["model"]), paths, tmp_path / "none", settings=_tiny_settings(n_boot=10), progress=False, device="cpu")
+    assert set(run.heads["target"]) == {"prediction"} and set(run.heads["n_labelled"]) == {0}
+    # the unlabelled images' accuracy is agreement with the unpruned prediction: 1 when nothing is pruned
+    assert (run.images["target"] == run.images["prediction"]).all() and run.images["correct"].all()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rows = ["path,label"]
+    for i, p in enumerate(paths):
+        (mixed / p.name).write_bytes(p.read_bytes())
+        rows.append(f"{p.name},{i if i % 2 else ''}")
+    (mixed / "labels.csv").write_text("\n".join(rows) + "\n")
+    with pytest.warns(VitscopeDataWarning, match="2 of 4 images have a label"):
+        run = analyze(str(tiny["model"]), mixed, tmp_path / "mixed-run", settings=_tiny_settings(n_boot=10), progress=False, device="cpu")
+    assert set(run.heads["target"]) == {"mixed"} and set(run.heads["n_labelled"]) == {2}
 
 
 def test_held_out_curves_rank_on_other_images_than_they_measure(tiny_run):

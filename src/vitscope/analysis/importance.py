@@ -439,7 +439,19 @@ def summarize_importance(
     for i, m in enumerate(names):
         sl = slice(i * K, (i + 1) * K)
         out[m], out[f"{m}_lo"], out[f"{m}_hi"] = means[sl], lo[sl], hi[sl]
+    if "taylor" in out:
+        out["taylor_layer_norm"] = layer_normalised(out, "taylor")
     return out
+
+
+def layer_normalised(heads: pd.DataFrame, column: str) -> np.ndarray:
+    """``heads[column]`` divided by its L2 norm within each layer (Michel et al. 2019, section 4.2:
+    importance scores are normalised per layer before heads of different layers are compared).
+    A layer whose scores are all zero stays zero."""
+    values = heads[column].to_numpy(dtype=np.float64)
+    norms = heads.assign(_sq=values**2).groupby("layer")["_sq"].transform("sum").to_numpy() ** 0.5
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norms > 0, values / norms, 0.0)
 
 
 def metric_agreement(heads: pd.DataFrame, metrics: Optional[Sequence[str]] = None) -> pd.DataFrame:
