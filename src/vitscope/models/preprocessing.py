@@ -85,11 +85,14 @@ class Preprocessing:
             img = image
         elif isinstance(image, torch.Tensor):
             arr = image.detach().cpu().numpy()
-            if arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
+            if arr.ndim == 3 and arr.shape[0] in (1, 3, 4):  # torch's (C, H, W)
                 arr = np.moveaxis(arr, 0, -1)
             img = _array_to_pil(arr)
         elif isinstance(image, np.ndarray):
-            img = _array_to_pil(image)
+            arr = image
+            if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):  # (C, H, W)
+                arr = np.moveaxis(arr, 0, -1)
+            img = _array_to_pil(arr)
         else:
             raise TypeError(f"cannot preprocess an object of type {type(image).__name__}; pass a path, PIL image or array")
         mode = "L" if self.channels == 1 else "RGB"
@@ -131,15 +134,22 @@ class Preprocessing:
     def batch(self, images: Union[ImageLike, Sequence[ImageLike], Iterable[ImageLike]]) -> torch.Tensor:
         """Many images -> ``(B, C, H, W)``.
 
-        A floating-point ``torch.Tensor`` is taken as already preprocessed: ``(B, C, H, W)`` as a
-        batch, ``(C, H, W)`` as one image. Preprocessing it again would silently change the model's
-        input (a normalised ImageNet photo is not an image in [0, 1]). Paths, PIL images, numpy
-        arrays and integer tensors are images and go through the model's preprocessing.
+        What each input form means (one rule for every entry point that takes images):
+
+        - a floating-point ``torch.Tensor`` is already preprocessed: ``(B, C, H, W)`` a batch,
+          ``(C, H, W)`` one image (preprocessing it again would silently change the model's input:
+          a normalised photo is not an image in [0, 1]); other shapes are refused;
+        - an integer (e.g. uint8) tensor holds pixels: ``(H, W)``, ``(C, H, W)`` or ``(H, W, C)`` one
+          image, ``(B, ...)`` a batch of them, each preprocessed;
+        - a numpy array holds pixels: ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` one image, 4-d a
+          batch; uint8 as is, floats in [0, 1] or [0, 255] (a float array with values outside
+          [0, 255], such as a normalised input, is refused: pass it as a float tensor instead);
+        - a path or PIL image is one image; a list or other iterable of any of these is a batch.
         """
         if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
             images = [images]
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            return images.float()
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.is_floating_point():
+            return self._preprocessed_batch(images)
         return torch.stack([self._preprocessed(im) if _is_model_input(im) else self(im) for im in images])
 
     def _preprocessed(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +159,16 @@ class Preprocessing:
                 f"or (B, {self.channels}, H, W), but this one has shape {tuple(x.shape)}; to have vitscope "
                 "preprocess an image, pass a path, a PIL image, a numpy array or a uint8 tensor"
             )
-        return x.float()
+        return x  # kept in its own float dtype: a float64 input to a float64 model stays exact
+
+    def _preprocessed_batch(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"a floating-point (B, C, H, W) tensor is taken as a preprocessed batch with C = {self.channels} "
+                f"channels for this model, but this one has shape {tuple(x.shape)}; a (B, H, W, C) batch of "
+                "pixels must be a uint8 tensor or numpy array (then vitscope preprocesses it)"
+            )
+        return x
 
 
 def _is_model_input(x: Any) -> bool:
@@ -157,8 +176,16 @@ def _is_model_input(x: Any) -> bool:
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    if arr.dtype != np.uint8:
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype != np.uint8:
         a = arr.astype(np.float32)
+        if a.size and (not np.isfinite(a).all() or a.min() < 0 or a.max() > 255):
+            raise ValueError(
+                f"an array of pixels must hold values in [0, 1] or [0, 255], but this {arr.dtype} array of shape "
+                f"{arr.shape} holds values from {np.nanmin(a):.3g} to {np.nanmax(a):.3g}{' and NaN or inf' if not np.isfinite(a).all() else ''}; "
+                "if it is an already preprocessed model input, pass it as a float torch tensor (torch.from_numpy(x))"
+            )
         if a.max() <= 1.0 + 1e-6:
             a = a * 255.0
         arr = np.clip(a, 0, 255).astype(np.uint8)

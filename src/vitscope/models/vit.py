@@ -114,12 +114,9 @@ class ViT:
         return self.preprocessing.batch(images)
 
     def _input(self, x: Inputs) -> torch.Tensor:
-        if not (isinstance(x, torch.Tensor) and x.ndim == 4):
-            x = self.preprocess(x)  # type: ignore[arg-type]
-        c, h, w = self.preprocessing.input_size
-        if x.shape[1] != c:
-            raise ValueError(f"input has {x.shape[1]} channels but {self.name} expects {c}")
-        return x.to(self.device, dtype=next(self.module.parameters()).dtype)
+        """Any input form -> the model's ``(B, C, H, W)`` on its device and dtype (the rules are
+        :meth:`Preprocessing.batch`'s: only a floating-point tensor is taken as preprocessed)."""
+        return self.preprocess(x).to(self.device, dtype=next(self.module.parameters()).dtype)  # type: ignore[arg-type]
 
     # ------------------------------------------------------- low-level pieces
     def embed(self, x: Inputs) -> torch.Tensor:
