@@ -44,7 +44,6 @@ def _analyze(out, **kw):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    pytest.importorskip("vitscope.analysis.patterns")
     return _analyze(tmp_path_factory.mktemp("interactions") / "run")
 
 

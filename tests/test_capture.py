@@ -79,7 +79,7 @@ def test_deit_real_predictions_are_sensible(deit_tiny, deit_batch):
 
 
 def test_hf_capture_equals_eager_output_attentions(deit_tiny, deit_batch, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from vitscope.models.convert import save_timm_as_hf
 
     x, _ = deit_batch
@@ -324,7 +324,7 @@ def test_allowed_keys_equal_timm_attention_mask(random_vit):
 @pytest.mark.parametrize("family", ["vit", "deit_teacher", "dinov2", "dinov2_registers"])
 def test_hf_families_capture_and_readout(family, tmp_path):
     """Random small HF models of each supported family: capture equals eager, readout equals the model."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=4)
     if family == "vit":

@@ -7,6 +7,7 @@ never from the code under test.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import sys
 import warnings
@@ -576,7 +577,7 @@ def test_imageset_indexing_and_frame_dtypes(tmp_path):
     frame = s.to_frame()
     assert str(frame["label"].dtype) == "Int64" and frame["label"].isna().tolist() == [False, True, False]
     assert frame["label_name"].tolist() == ["b", None, "a"]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         recs[0].label = 5  # frozen
 
 

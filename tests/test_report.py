@@ -16,7 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    pytest.importorskip("vitscope.analysis.patterns", reason="vitscope.analysis.patterns is not available yet")
     from vitscope.analysis.run import analyze
 
     root = tmp_path_factory.mktemp("report")
