@@ -1,6 +1,6 @@
 """Responsive fields: which key patches each query patch really relies on, layer by layer.
 
-Definition (papers.md, Paper 2, "Responsive field"). Over an image set, the responsive field of
+Definition (Ma et al. 2022, "Responsive field"). Over an image set, the responsive field of
 query patch ``i`` in layer ``l`` is the set of key patches ``j`` whose edge ``i -> j`` has a
 significantly positive mean impact (:func:`vitscope.analysis.interaction.interaction_summary`:
 one-sided t-test, Benjamini-Hochberg within the layer); see :func:`responsive_fields`. For one

@@ -1,6 +1,6 @@
 """Head importance: what happens to the model when one attention head is pruned.
 
-Pruning a head (papers.md, Paper 1, "Head importance") multiplies its post-softmax attention matrix
+Pruning a head (Li et al. 2023, "Head importance") multiplies its post-softmax attention matrix
 by a 0/1 mask without renormalisation. Pruning the whole matrix equals zeroing the head's slice of
 the context vector before the output projection, which is what a head gate of 0
 (:class:`~vitscope.capture.runtime.LayerPlan` ``head_gate``) does while keeping the fused kernel.

@@ -1,6 +1,6 @@
 """Patch interactions: how much the edge "query patch i attends to key patch j" matters.
 
-Definition (papers.md, Paper 2, "Interaction indicator"). For layer ``l``, query patch ``i`` and key
+Definition (Ma et al. 2022, "Interaction indicator"). For layer ``l``, query patch ``i`` and key
 patch ``j`` of one image, the *impact* of the edge ``i -> j`` is
 
     impact[l, i, j] = loss(edge i -> j removed in every head of layer l) - loss(original),

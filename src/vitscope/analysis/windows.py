@@ -1,6 +1,6 @@
 """Checking the interaction indicator in use: attention-window design and patch removal.
 
-Both are inference-time experiments on a trained model (papers.md, Paper 2: "Window design" and
+Both are inference-time experiments on a trained model (Ma et al. 2022: "Window design" and
 "Indiscriminative patch removal"); nothing is retrained.
 
 **Attention windows.** Every patch query may attend only to a set of patch keys, in every layer;

@@ -1,7 +1,7 @@
 """Pruning masks: named regions of a head's attention matrix and their normalisation.
 
 A mask multiplies the post-softmax attention; pruned cells become 0 and rows are *not*
-renormalised (papers.md, "Pruning"). Users describe masks as ``{(layer, head): region}`` where
+renormalised (Li et al. 2023, "Pruning"). Users describe masks as ``{(layer, head): region}`` where
 ``head=None`` means every head of the layer; this module turns that into per-layer
 :class:`~vitscope.capture.runtime.LayerPlan` pieces. Whole-head pruning is expressed as a head gate
 so it keeps the fused kernel; every other region needs the explicit matrix.

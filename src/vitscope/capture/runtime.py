@@ -62,7 +62,6 @@ class AttentionRuntime:
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
         self.plans: dict[int, LayerPlan] = {}
-        self.calls: list[int] = []  # layers whose attention ran under a plan, in order
 
     def plan_for(self, layer: int) -> Optional[LayerPlan]:
         return self.plans.get(layer) if self.plans else None
@@ -78,7 +77,6 @@ class AttentionRuntime:
         dropout_p: float = 0.0,
     ) -> torch.Tensor:
         """Multi-head attention ``(B, H, T, D) -> (B, H, T, D)`` under ``plan``."""
-        self.calls.append(layer)
         if plan.needs_matrix:
             tracking = torch.is_grad_enabled() and (
                 q.requires_grad or (plan.head_gate is not None and plan.head_gate.requires_grad)

@@ -131,12 +131,12 @@ class ViT:
     def intervene(self, plans: Mapping[int, LayerPlan]) -> Iterator[AttentionRuntime]:
         """Install per-layer plans for the forward passes run inside the block."""
         rt = self.runtime
-        saved, saved_calls = rt.plans, rt.calls
-        rt.plans, rt.calls = dict(plans), []
+        saved = rt.plans
+        rt.plans = dict(plans)
         try:
             yield rt
         finally:
-            rt.plans, rt.calls = saved, saved_calls
+            rt.plans = saved
 
     def run_blocks(
         self,

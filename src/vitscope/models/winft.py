@@ -1,6 +1,6 @@
 """The window-free transformer (WinfT): a ViT whose attention follows a reference model's responsive fields.
 
-Definition (papers.md, Paper 2, "WinfT"). In every layer ``l`` each patch query ``i`` may attend only
+Definition (Ma et al. 2022, "WinfT"). In every layer ``l`` each patch query ``i`` may attend only
 to the keys in an allowed set ``M[l, i]``; keys outside it are removed *before* the softmax, so the
 row is renormalised over the allowed keys, exactly like windowed attention. Prefix tokens (CLS,
 distillation, registers) attend to every token and every query may attend to them. The sets come
@@ -270,10 +270,6 @@ class WinfT(VisionTransformer):
     def allowed_masks(self) -> torch.Tensor:
         """Every layer's allowed-key mask, ``(L, T, T)`` bool (True = the query may attend to the key)."""
         return torch.stack([getattr(blk, BUFFER_NAME) for blk in self.blocks])
-
-    def vitscope_allowed_masks(self) -> torch.Tensor:
-        """The pre-softmax masks vitscope's analysis kernel must apply (``(L, T, T)``, same as :meth:`allowed_masks`)."""
-        return self.allowed_masks()
 
     def mask_stats(self) -> dict[str, Any]:
         """Key budget and sparsity of the masks (see :func:`mask_stats`)."""
