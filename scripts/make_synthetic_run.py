@@ -174,11 +174,14 @@ def main(argv: list[str]) -> int:
     heads = pd.DataFrame({"layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L)})
     heads["head_index"] = heads["layer"] * H + heads["head"]
     heads["n_images"] = N
+    heads["n_labelled"] = N
+    heads["target"] = "label"
     for name, v in per_image.items():
         flat = v.reshape(N, L * H)
         means = np.stack([flat[b].mean(0) for b in boot])
         heads[name] = flat.mean(0)
         heads[f"{name}_lo"], heads[f"{name}_hi"] = np.percentile(means, [2.5, 97.5], axis=0)
+    heads["taylor_layer_norm"] = heads["taylor"] / heads.groupby("layer")["taylor"].transform(lambda t: np.sqrt((t**2).sum()))
     for name in MEASURES:
         flat = image_heads[name].to_numpy().reshape(N, L * H)
         heads[f"{name}_mean"] = flat.mean(0).astype(np.float32)
@@ -286,6 +289,7 @@ def main(argv: list[str]) -> int:
             "base_prob": base_prob,
             "base_loss": base_loss,
             "correct": prediction == labels,
+            "curve_split": np.where(np.arange(N) % 2 == 0, "evaluate", "rank"),
             "overview_x": ov[:, 0],
             "overview_y": ov[:, 1],
         }
@@ -301,7 +305,10 @@ def main(argv: list[str]) -> int:
             lost = imp_sorted[:k].sum()
             acc = float(np.clip(correct.mean() * np.exp(-3 * lost), 0, 1))
             mp = float(base_prob.mean() * np.exp(-3 * lost))
-            curve_rows.append({"metric": metric, "k": int(k), "accuracy": acc, "mean_prob": mp, "mean_loss": float(-np.log(max(mp, 1e-6))), "n_images": N})
+            for ranking_name in ("held_out", "in_sample"):
+                curve_rows.append({"ranking": ranking_name, "metric": metric, "k": int(k), "accuracy": acc, "mean_prob": mp,
+                                   "mean_loss": float(-np.log(max(mp, 1e-6))), "n_images": (N + 1) // 2,
+                                   "n_rank_images": N // 2 if ranking_name == "held_out" else N})
     agreement = []
     for i, ma in enumerate(METRICS):
         for mb in METRICS[i + 1 :]:

@@ -16,18 +16,17 @@ import vitscope
 from vitscope.models import registry  # noqa: F401 - registers the WinfT architectures
 from vitscope.models.builtin import FMNIST_VIT_TINY_ARGS, create_fmnist_vit_tiny
 from vitscope.models.layout import TokenLayout
+from vitscope.analysis.fields import winft_masks_from_fields
+from vitscope.core.grid import matching_window
+from vitscope.figures.winft import draw_winft_masks, masks_and_layout
 from vitscope.models.winft import (
     WinfT,
     WinfTMaskError,
-    draw_winft_masks,
     layout_of,
     mask_stats,
-    masks_and_layout,
-    matching_window,
     read_mask_file,
     save_masks,
     window_masks,
-    winft_masks_from_fields,
 )
 
 #: The built-in Fashion-MNIST ViT's layout: CLS + 7x7 patches.

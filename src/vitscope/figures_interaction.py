@@ -21,7 +21,7 @@ from vitscope.analysis.fields import flow_colours
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from vitscope.models.layout import TokenLayout
+    from vitscope.core.layout import TokenLayout
 
 
 def _figure(n: int, ncols: int, size: float = 2.6) -> tuple["Figure", np.ndarray]:

@@ -56,13 +56,9 @@ def _new_figure(width: float, height: float) -> "Figure":
 
 
 def _save(fig: "Figure", folder: Path, stem: str) -> None:
-    import matplotlib
+    from vitscope.figures.save import save_figure
 
-    # No timestamps and no random SVG ids, so re-running a report gives identical files.
-    with matplotlib.rc_context({"svg.hashsalt": "vitscope"}):
-        for fmt in FORMATS:
-            meta = {"Date": None} if fmt == "svg" else {"Software": None}
-            fig.savefig(folder / f"{stem}.{fmt}", format=fmt, dpi=130 if fmt == "png" else None, metadata=meta)
+    save_figure(fig, folder, stem, FORMATS)
 
 
 def _metrics(heads: pd.DataFrame) -> list[str]:
@@ -423,7 +419,7 @@ def _figure_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Figure"]
 # ------------------------------------------------------------------ patch interactions (Paper 2)
 def _run_layout(run: "Run") -> Any:
     """The model's token layout, rebuilt from the manifest (the figures need the patch grid)."""
-    from vitscope.models.layout import TokenLayout
+    from vitscope.core.layout import TokenLayout
 
     lay = run.manifest["model"]["layout"]
     return TokenLayout(
@@ -516,7 +512,7 @@ def _winft_mask_figures(run: "Run", folder: Path) -> list[FigureEntry]:
         arch = (f.metadata() or {}).get(META_ARCH, "")
     if not arch.startswith("winft"):
         return []
-    from vitscope.models.winft import draw_winft_masks
+    from vitscope.figures.winft import draw_winft_masks
 
     draw_winft_masks(path, folder)
     return [

@@ -38,6 +38,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from vitscope.core.atomic import atomic_path
+
 #: Names accepted for the Fashion-MNIST data set.
 FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -518,15 +520,13 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def save_weights(model: nn.Module, path: Union[str, Path], spec: ModelSpec, cfg: dict[str, Any], classes: Sequence[str],
@@ -546,9 +546,8 @@ def save_weights(model: nn.Module, path: Union[str, Path], spec: ModelSpec, cfg:
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

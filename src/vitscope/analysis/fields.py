@@ -38,8 +38,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import hsv_to_rgb
 
+from vitscope.core.grid import allowed_from_keys, top_keys
+
 if TYPE_CHECKING:  # pragma: no cover
-    from vitscope.models.layout import TokenLayout
+    import torch
+
+    from vitscope.core.layout import TokenLayout
 
 #: Per-query field measures returned by :func:`field_statistics`.
 FIELD_MEASURES: tuple[str, ...] = ("size", "size_frac", "dy", "dx", "magnitude", "angle", "spread", "extent")
@@ -378,6 +382,41 @@ def field_attention_mask(membership: Any, layout: "TokenLayout", include_self: b
     if include_self:
         idx = np.arange(P)
         m[..., idx, idx] = True
-    from vitscope.analysis.windows import allowed_from_keys
-
     return allowed_from_keys(m, layout)
+
+
+def winft_masks_from_fields(
+    summary: Mapping[str, np.ndarray],
+    layout: "TokenLayout",
+    *,
+    min_impact: float = 0.0,
+    top_n: int = 0,
+    include_self: bool = True,
+) -> "torch.Tensor":
+    """WinfT masks ``(L, T, T)`` from a reference model's responsive fields.
+
+    ``summary`` is ``InteractionAccumulator.summary(alternative="greater")`` over *training* images
+    (``mean`` and ``significant`` ``(L, P, P)``). Query patch ``i`` of layer ``l`` may attend to:
+
+    - its responsive field: keys ``j`` whose impact is significantly positive and above
+      ``min_impact`` (:func:`vitscope.analysis.fields.field_membership`);
+    - itself when ``include_self``;
+    - at least its ``top_n`` keys by mean impact, so that no field is empty (0: no minimum).
+
+    Prefix tokens (CLS, ...) attend and are attended globally.
+    """
+    from vitscope.models.winft import WinfTMaskError
+
+    keys = field_membership(summary, min_impact=min_impact)
+    P = layout.num_patches
+    if keys.ndim != 3 or keys.shape[1:] != (P, P):
+        raise WinfTMaskError(f"the field summary is for {keys.shape[1:]} patches per layer but this layout has ({P}, {P})")
+    if top_n < 0 or top_n > P:
+        raise WinfTMaskError(f"top_n={top_n} must lie in 0..{P}")
+    if top_n:
+        keys = keys | top_keys(np.asarray(summary["mean"]), top_n)
+    if include_self:
+        keys = keys | np.eye(P, dtype=bool)[None]
+    import torch
+
+    return torch.from_numpy(allowed_from_keys(keys, layout))

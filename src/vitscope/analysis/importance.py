@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from vitscope.capture.masks import REGIONS, region_matrix
 from vitscope.capture.runtime import LayerPlan
+from vitscope.core.stats import bootstrap_means
 
 if TYPE_CHECKING:  # pragma: no cover
     from vitscope.models.vit import ViT
@@ -374,28 +375,6 @@ def _effects(image_heads: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFr
         )
     heads = pd.DataFrame({"layer": heads_arr[:, 0], "head": heads_arr[:, 1]})
     return heads, eff, ids
-
-
-def bootstrap_means(values: np.ndarray, *, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile-bootstrap interval of the column means of ``values (N, K)``, resampling rows.
-
-    Resample ``r`` draws ``rng.integers(0, N, size=N)`` from ``numpy.random.default_rng(seed)``,
-    in order, and every column uses the same resamples (so intervals of different heads and
-    metrics are paired). Vectorised: each resample becomes a row of counts and all means are one
-    matrix product. Returns ``(lo, hi)``, each ``(K,)``.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    N = values.shape[0]
-    rng = np.random.default_rng(seed)
-    boot = np.empty((n_boot, values.shape[1]))
-    rows = max(1, min(n_boot, 4_000_000 // max(N, 1)))  # bound the counts matrix to ~32 MB
-    for start in range(0, n_boot, rows):
-        stop = min(n_boot, start + rows)
-        counts = np.stack([np.bincount(rng.integers(0, N, size=N), minlength=N) for _ in range(start, stop)])
-        boot[start:stop] = counts @ values / N
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.percentile(boot, [100 * alpha, 100 * (1 - alpha)], axis=0)
-    return lo, hi
 
 
 def summarize_importance(

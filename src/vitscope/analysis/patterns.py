@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitscope.analysis.strength import ArrayLike, as_attention
-from vitscope.models.layout import TokenLayout
+from vitscope.core.layout import TokenLayout
 
 MapKind = Literal["offset", "patch", "cls"]
 Projection = Literal["umap", "tsne", "pca"]

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vitscope.models.layout import TokenLayout
+from vitscope.core.layout import TokenLayout
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 

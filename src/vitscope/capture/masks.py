@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Mapping, Optional, Union
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vitscope.models.layout import TokenLayout
+    from vitscope.core.layout import TokenLayout
 
 #: Region names, in the order of the paper's partial-pruning modes 2..6 (mode 1 is "none").
 REGIONS: tuple[str, ...] = ("all", "cls", "patch", "cls_cross", "cls_self")

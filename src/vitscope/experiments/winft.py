@@ -11,7 +11,7 @@ Steps (every step is resumable: finished runs are skipped, interrupted ones cont
    (:func:`vitscope.analysis.interaction.first_order_impact`, loss of the true class) is accumulated,
    tested for a significantly positive mean (one-sided t-test, Benjamini-Hochberg at ``--q`` within
    each layer), and each patch query's responsive field plus itself becomes its allowed key set
-   (:func:`vitscope.models.winft.winft_masks_from_fields`; CLS global). The masks are written to
+   (:func:`vitscope.analysis.fields.winft_masks_from_fields`; CLS global). The masks are written to
    ``OUT/masks/winft_masks.safetensors`` with figures of them.
 2. **Matched window.** The fixed ``k x k`` window whose mean number of patch keys per patch query is
    nearest the WinfT's (odd ``k``; both budgets are reported).
@@ -117,7 +117,9 @@ def derive_masks(cfg: ExperimentConfig, out_dir: Path, progress: bool = True) ->
     """Write (or reuse) the WinfT masks for ``cfg`` in ``out_dir``; returns the file and its metadata."""
     import vitscope
     from vitscope.data.fashion_mnist import load_fashion_mnist
-    from vitscope.models.winft import draw_winft_masks, read_mask_file, save_masks, winft_masks_from_fields
+    from vitscope.analysis.fields import winft_masks_from_fields
+    from vitscope.figures.winft import draw_winft_masks
+    from vitscope.models.winft import read_mask_file, save_masks
 
     path = out_dir / MASK_FILE
     settings = cfg.mask_settings()
@@ -289,8 +291,9 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def run_experiment(cfg: ExperimentConfig, *, command: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole experiment; writes and returns ``OUT/results.json``'s content."""
-    from vitscope.models.layout import TokenLayout
-    from vitscope.models.winft import mask_stats, matching_window, read_mask_file, window_masks
+    from vitscope.core.layout import TokenLayout
+    from vitscope.core.grid import matching_window
+    from vitscope.models.winft import mask_stats, read_mask_file, window_masks
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

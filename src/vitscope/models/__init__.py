@@ -2,7 +2,7 @@
 
 from vitscope.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from vitscope.models.errors import ModelLoadError, UnsupportedModelError
-from vitscope.models.layout import TokenLayout
+from vitscope.core.layout import TokenLayout
 from vitscope.models.loader import load_model, wrap_timm
 from vitscope.models.preprocessing import Preprocessing
 from vitscope.models import registry as _registry  # noqa: F401 - registers vitscope models with timm

@@ -15,7 +15,7 @@ from torch import nn
 
 from vitscope.capture.runtime import AttentionRuntime
 from vitscope.models.errors import ModelLoadError, UnsupportedModelError
-from vitscope.models.layout import TokenLayout
+from vitscope.core.layout import TokenLayout
 from vitscope.models.preprocessing import Preprocessing
 from vitscope.models.vit import ViT
 

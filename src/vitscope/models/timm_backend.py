@@ -11,7 +11,7 @@ from torch import nn
 
 from vitscope.capture.runtime import AttentionRuntime
 from vitscope.models.errors import UnsupportedModelError
-from vitscope.models.layout import TokenLayout
+from vitscope.core.layout import TokenLayout
 
 
 def _patched_forward(runtime: AttentionRuntime, layer: int, original):

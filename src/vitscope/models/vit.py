@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vitscope.capture.masks import MaskSpec, compile_masks
 from vitscope.capture.runtime import AttentionRuntime, LayerPlan
-from vitscope.models.layout import TokenLayout
+from vitscope.core.layout import TokenLayout
 from vitscope.models.preprocessing import ImageLike, Preprocessing
 
 Inputs = Union[torch.Tensor, ImageLike, Sequence[ImageLike]]

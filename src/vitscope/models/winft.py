@@ -4,7 +4,8 @@ Definition (Ma et al. 2022, "WinfT"). In every layer ``l`` each patch query ``i`
 to the keys in an allowed set ``M[l, i]``; keys outside it are removed *before* the softmax, so the
 row is renormalised over the allowed keys, exactly like windowed attention. Prefix tokens (CLS,
 distillation, registers) attend to every token and every query may attend to them. The sets come
-from the responsive fields of a trained reference model (:func:`winft_masks_from_fields`: the keys
+from the responsive fields of a trained reference model
+(:func:`vitscope.analysis.fields.winft_masks_from_fields`: the keys
 whose first-order interaction impact is significantly positive over training images, plus the query
 itself), so each patch gets a window of its own shape and size instead of a fixed square.
 
@@ -50,7 +51,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vitscope.models.builtin import FMNIST_VIT_TINY_ARGS, fmnist_pretrained_cfg
-from vitscope.models.layout import TokenLayout
+from vitscope.core.layout import TokenLayout
 
 #: Tensor name of the masks in a mask file written by :func:`save_masks`.
 MASKS_KEY = "masks"
@@ -84,7 +85,7 @@ def layout_of(model: nn.Module) -> TokenLayout:
 
 def window_masks(layout: TokenLayout, k: int, num_layers: int) -> torch.Tensor:
     """Fixed ``k x k`` local windows in every layer, ``(L, T, T)`` bool (prefix rows and columns all True)."""
-    from vitscope.analysis.windows import window_mask
+    from vitscope.core.grid import window_mask
 
     m = torch.from_numpy(window_mask(layout, k))
     return m.expand(num_layers, *m.shape).clone()
@@ -92,7 +93,7 @@ def window_masks(layout: TokenLayout, k: int, num_layers: int) -> torch.Tensor:
 
 def expand_patch_masks(keys: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Patch-block key sets ``(L, P, P)`` -> full ``(L, T, T)`` masks with global prefix tokens."""
-    from vitscope.analysis.windows import allowed_from_keys
+    from vitscope.core.grid import allowed_from_keys
 
     return torch.from_numpy(allowed_from_keys(keys.cpu().numpy(), layout))
 
@@ -310,186 +311,6 @@ def mask_stats(masks: torch.Tensor, layout: TokenLayout) -> dict[str, Any]:
         "key_distance_by_layer": [float(v) for v in dist_by_layer],
         "num_patches": P,
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# Masks from a reference model's responsive fields
-# --------------------------------------------------------------------------------------------------
-
-
-def winft_masks_from_fields(
-    summary: Mapping[str, np.ndarray],
-    layout: TokenLayout,
-    *,
-    min_impact: float = 0.0,
-    top_n: int = 0,
-    include_self: bool = True,
-) -> torch.Tensor:
-    """WinfT masks ``(L, T, T)`` from a reference model's responsive fields.
-
-    ``summary`` is ``InteractionAccumulator.summary(alternative="greater")`` over *training* images
-    (``mean`` and ``significant`` ``(L, P, P)``). Query patch ``i`` of layer ``l`` may attend to:
-
-    - its responsive field: keys ``j`` whose impact is significantly positive and above
-      ``min_impact`` (:func:`vitscope.analysis.fields.field_membership`);
-    - itself when ``include_self``;
-    - at least its ``top_n`` keys by mean impact, so that no field is empty (0: no minimum).
-
-    Prefix tokens (CLS, ...) attend and are attended globally.
-    """
-    from vitscope.analysis.fields import field_membership
-    from vitscope.analysis.windows import allowed_from_keys, top_keys
-
-    keys = field_membership(summary, min_impact=min_impact)
-    P = layout.num_patches
-    if keys.ndim != 3 or keys.shape[1:] != (P, P):
-        raise WinfTMaskError(f"the field summary is for {keys.shape[1:]} patches per layer but this layout has ({P}, {P})")
-    if top_n < 0 or top_n > P:
-        raise WinfTMaskError(f"top_n={top_n} must lie in 0..{P}")
-    if top_n:
-        keys = keys | top_keys(np.asarray(summary["mean"]), top_n)
-    if include_self:
-        keys = keys | np.eye(P, dtype=bool)[None]
-    return torch.from_numpy(allowed_from_keys(keys, layout))
-
-
-def matching_window(layout: TokenLayout, keys_per_query: float) -> tuple[int, float]:
-    """The odd window side ``k`` whose mean patch keys per patch query is nearest ``keys_per_query``.
-
-    Returns ``(k, its keys per query)``; border clipping is counted, so the budget is the real one.
-    """
-    from vitscope.analysis.windows import window_keys, window_sizes
-
-    best = min(((abs(float(window_keys(layout, k).sum(-1).mean()) - keys_per_query), k) for k in window_sizes(layout)))
-    k = best[1]
-    return k, float(window_keys(layout, k).sum(-1).mean())
-
-
-# --------------------------------------------------------------------------------------------------
-# Figures: what each layer's mask lets a patch see
-# --------------------------------------------------------------------------------------------------
-
-
-def masks_and_layout(source: Any, layout: Optional[TokenLayout] = None) -> tuple[torch.Tensor, TokenLayout]:
-    """``(masks (L, T, T), layout)`` from a WinfT, a :class:`vitscope.ViT` wrapping one, a mask or weights
-    file, or a tensor (then ``layout`` is needed unless the grid is square with one CLS token)."""
-    module = getattr(source, "module", source)
-    if isinstance(module, WinfT):
-        return module.allowed_masks().cpu(), layout or module.token_layout
-    if isinstance(module, nn.Module):
-        raise WinfTMaskError(f"{type(module).__name__} is not a WinfT; it has no attention masks to draw")
-    meta: dict[str, Any] = {}
-    if isinstance(source, (str, Path)):
-        masks, meta = read_mask_file(source)
-    else:
-        masks = torch.as_tensor(np.asarray(source) if isinstance(source, (list, tuple)) else source)
-    masks = masks.bool().cpu()
-    if layout is None:
-        if "grid" in meta:
-            cls = meta.get("cls_index", 0 if meta["num_prefix"] else None)
-            pre = int(meta["num_prefix"])
-            layout = TokenLayout(pre, cls, None, tuple(range(1 if cls is not None else 0, pre)), tuple(meta["grid"]),
-                                 tuple(meta.get("patch_size", (1, 1))))  # fmt: skip
-        else:
-            T = masks.shape[-1]
-            g = int(round((T - 1) ** 0.5))
-            if g * g != T - 1:
-                raise WinfTMaskError(f"cannot tell the patch grid of {T}-token masks; pass layout=vit.layout")
-            layout = TokenLayout(1, 0, None, (), (g, g), (1, 1))
-    if masks.ndim != 3 or masks.shape[-1] != layout.num_tokens:
-        raise WinfTMaskError(f"masks of shape {tuple(masks.shape)} do not fit {layout.describe()}")
-    return masks, layout
-
-
-def default_queries(layout: TokenLayout) -> list[int]:
-    """A corner, an edge, an off-centre and the centre patch (patch indices, row-major)."""
-    rows, cols = layout.grid
-    picks = [(0, 0), (0, cols // 2), (rows // 4, cols // 4), (rows // 2, cols // 2), (rows - 1, cols - 1)]
-    out: list[int] = []
-    for r, c in picks:
-        idx = r * cols + c
-        if idx not in out:
-            out.append(idx)
-    return out
-
-
-def plot_winft_masks(masks: torch.Tensor, layout: TokenLayout, queries: Optional[Sequence[int]] = None):
-    """One row per layer: for each query patch (red outline) the keys it may attend to (dark), then the
-    number of allowed patch keys of every query patch on the grid. Returns a matplotlib ``Figure``."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    m = torch.as_tensor(masks).bool().cpu()
-    queries = list(queries) if queries is not None else default_queries(layout)
-    L, (R, C) = m.shape[0], layout.grid
-    P, ps = layout.num_patches, layout.patch_slice
-    block = m[:, ps, ps].numpy()
-    counts = block.sum(-1).reshape(L, R, C)
-    ncols = len(queries) + 1
-    fig = Figure(figsize=(1.7 * ncols + 0.6, 1.7 * L + 0.5), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(L, ncols, squeeze=False))
-    for l in range(L):
-        for c, q in enumerate(queries):
-            ax = axes[l, c]
-            ax.imshow(block[l, q].reshape(R, C), cmap="Greys", vmin=-0.3, vmax=1.0, interpolation="nearest")
-            qr, qc = divmod(int(q), C)
-            ax.add_patch(Rectangle((qc - 0.5, qr - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if l == 0:
-                ax.set_title(f"query ({qr}, {qc})", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"layer {l}\n{block[l].sum(-1).mean():.1f} keys/query", fontsize=8)
-        ax = axes[l, -1]
-        im = ax.imshow(counts[l], cmap="viridis", vmin=0, vmax=P, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if l == 0:
-            ax.set_title("keys per query", fontsize=8)
-    fig.colorbar(im, ax=axes[:, -1], shrink=0.6, label="allowed patch keys")
-    fig.suptitle("Allowed keys per layer (CLS is always global)", fontsize=10)
-    return fig
-
-
-def plot_mask_budget(masks: torch.Tensor, layout: TokenLayout):
-    """Mean number of allowed patch keys per patch query, per layer, against the full grid. Returns a ``Figure``."""
-    from matplotlib.figure import Figure
-
-    st = mask_stats(masks, layout)
-    per_layer = st["keys_per_query_by_layer"]
-    fig = Figure(figsize=(4.8, 3.0), layout="constrained")
-    ax = fig.subplots()
-    ax.bar(range(len(per_layer)), per_layer, color="tab:blue")
-    ax.axhline(layout.num_patches, color="grey", linestyle="--", linewidth=1, label=f"global ({layout.num_patches} patches)")
-    ax.axhline(st["keys_per_query"], color="tab:orange", linewidth=1, label=f"mean {st['keys_per_query']:.1f} (sparsity {st['sparsity']:.0%})")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("allowed patch keys per patch query")
-    ax.set_xticks(range(len(per_layer)))
-    ax.legend(fontsize=8)
-    return fig
-
-
-def draw_winft_masks(model_or_masks: Any, out_dir: Union[str, Path], *, layout: Optional[TokenLayout] = None,
-                     queries: Optional[Sequence[int]] = None) -> list[Path]:  # fmt: skip
-    """Write ``winft_masks.{png,svg}`` (allowed keys of a few query patches, per layer) and
-    ``winft_mask_budget.{png,svg}`` (mean field size per layer) into ``out_dir``; returns the PNG paths.
-
-    ``model_or_masks``: a WinfT, a :class:`vitscope.ViT` wrapping one, a mask or WinfT weights file,
-    or a ``(L, T, T)`` tensor.
-    """
-    import matplotlib
-
-    masks, layout = masks_and_layout(model_or_masks, layout)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for stem, fig in (("winft_masks", plot_winft_masks(masks, layout, queries)), ("winft_mask_budget", plot_mask_budget(masks, layout))):
-        # No timestamps and fixed SVG ids, so re-drawing gives identical files.
-        with matplotlib.rc_context({"svg.hashsalt": "vitscope"}):
-            fig.savefig(out / f"{stem}.png", format="png", dpi=130, metadata={"Software": None})
-            fig.savefig(out / f"{stem}.svg", format="svg", metadata={"Date": None})
-        written.append(out / f"{stem}.png")
-    return written
 
 
 # --------------------------------------------------------------------------------------------------

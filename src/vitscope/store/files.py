@@ -1,9 +1,10 @@
-"""Crash-safe writes: every file or folder appears complete under its final name, or not at all.
+"""The run folder's file kinds, each written crash-safely: JSON, Parquet, raw bytes, and the size /
+SHA-256 lists that let a resume check a finished chunk.
 
-A run can be killed at any instant (Ctrl-C, SIGKILL, a full disk). Each writer below builds its
-output under a temporary name in the same folder and renames it into place, which POSIX makes
-atomic. A reader therefore sees either the old state or the new one, never half a file, and "the
-file exists" is a reliable marker that the step that writes it has finished.
+A run can be killed at any instant (Ctrl-C, SIGKILL, a full disk, a power loss). Every writer here
+goes through :mod:`vitscope.core.atomic` (temporary name, fsync, rename), so a reader sees either
+the old state or the new one, never half a file, and "the file exists" is a reliable marker that
+the step that writes it has finished.
 """
 
 from __future__ import annotations
@@ -12,69 +13,15 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 
-#: Temporary names start with this prefix; leftovers from a killed run are removed on the next start.
-TMP_PREFIX = ".tmp-"
-
-
-def tmp_sibling(path: Path) -> Path:
-    """A fresh temporary name next to ``path`` (same folder, so the final rename is atomic)."""
-    return path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (files created, renamed or removed in it) durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # a platform that cannot open folders (Windows): nothing more to do there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under ``path`` and then every folder, deepest first, so that after a power
-    loss the tree is either absent (not yet published) or whole: no truncated file, no lost entry."""
-    folders = []
-    for root, _dirs, names in os.walk(path):
-        folders.append(Path(root))
-        for name in names:
-            _fsync_file(Path(root) / name)
-    for folder in reversed(folders):
-        fsync_dir(folder)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final`` durably; an existing ``final`` (file or folder) is replaced.
-
-    The caller has made ``tmp``'s contents durable (see :func:`fsync_tree`); the parent folder is
-    fsynced after the rename, so a published name survives a power loss too.
-    """
-    if final.is_dir() and not final.is_symlink():
-        # A folder cannot be renamed over a non-empty folder: move the old one aside first.
-        old = tmp_sibling(final)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    fsync_dir(final.parent)
-
+# The atomic-write primitives live in the core (every layer writes files this way); the run store
+# adds its own file kinds (JSON, Parquet, digests) on top.
+from vitscope.core.atomic import TMP_PREFIX, fsync_file, fsync_dir, fsync_tree, publish, tmp_sibling, write_bytes
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -108,16 +55,6 @@ def check_digests(folder: Path, expected: dict[str, list[Any]]) -> Optional[str]
     return None
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    publish(tmp, path)
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)
@@ -148,7 +85,7 @@ def write_parquet(path: Path, df: pd.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(path)
     df.reset_index(drop=True).to_parquet(tmp, index=False, engine="pyarrow")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     publish(tmp, path)
 
 
@@ -165,3 +102,9 @@ def remove_leftovers(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists() or p.is_symlink():
             p.unlink(missing_ok=True)
+
+
+__all__ = [
+    "TMP_PREFIX", "check_digests", "file_digests", "fsync_dir", "fsync_tree", "publish", "read_json", "read_parquet",
+    "remove_leftovers", "tmp_sibling", "to_json", "write_bytes", "write_json", "write_parquet", "fsync_file",
+]  # fmt: skip

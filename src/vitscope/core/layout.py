@@ -1,0 +1,63 @@
+"""Where each token sits in a ViT's sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token sequence of a ViT: prefix tokens (CLS, distillation, registers) then the patch grid.
+
+    Attributes:
+        num_prefix: tokens before the patches (CLS + distillation + registers).
+        cls_index: position of the CLS token, or ``None`` for models that pool patches.
+        dist_index: position of the distillation token (DeiT distilled), or ``None``.
+        register_indices: positions of register tokens (may be empty).
+        grid: patch grid as ``(rows, cols)``.
+        patch_size: patch side in pixels ``(height, width)``.
+    """
+
+    num_prefix: int
+    cls_index: Optional[int]
+    dist_index: Optional[int]
+    register_indices: tuple[int, ...]
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    @property
+    def patch_slice(self) -> slice:
+        return slice(self.num_prefix, self.num_tokens)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+
+    def patch_positions(self) -> torch.Tensor:
+        """``(P, 2)`` long tensor of (row, col) for each patch token, in sequence order."""
+        rows, cols = self.grid
+        r = torch.arange(rows).repeat_interleave(cols)
+        c = torch.arange(cols).repeat(rows)
+        return torch.stack([r, c], dim=1)
+
+    def describe(self) -> str:
+        parts = []
+        if self.cls_index is not None:
+            parts.append("CLS")
+        if self.dist_index is not None:
+            parts.append("distillation")
+        if self.register_indices:
+            parts.append(f"{len(self.register_indices)} registers")
+        parts.append(f"{self.grid[0]}x{self.grid[1]} patches of {self.patch_size[0]}x{self.patch_size[1]} px")
+        return f"{self.num_tokens} tokens: " + " + ".join(parts)
