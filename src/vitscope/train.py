@@ -45,6 +45,8 @@ FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fashionmnist", "fmnist
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
 CHECKPOINT_FORMAT = 1
+#: Initialisations a recipe can ask for (:attr:`Recipe.init`).
+INITS = ("default", "mimetic")
 #: Sub-folder names recognised as the evaluation split of an image folder data set.
 EVAL_FOLDER_NAMES = ("val", "validation", "test")
 #: Recipe fields that change speed only; a resumed run may use other values for them.
@@ -69,7 +71,9 @@ class Recipe:
     0.5 (the standard Fashion-MNIST / CIFAR recipe). ``min_lr_ratio`` is the final learning rate as a
     fraction of ``lr``. ``holdout_fraction`` is used only for an image folder without a val/test
     sub-folder: that share of its images (seeded) becomes the test split. ``amp`` runs forward and
-    backward in bfloat16 autocast on CUDA (ignored on CPU, where it is slower).
+    backward in bfloat16 autocast on CUDA (ignored on CPU, where it is slower). ``init`` is
+    ``"default"`` (the architecture's own initialisation) or ``"mimetic"`` (:func:`mimetic_init`:
+    attention starts out attending by position, which small data sets do not teach on their own).
     """
 
     epochs: int = 10
@@ -88,6 +92,7 @@ class Recipe:
     eval_batch_size: int = 500
     holdout_fraction: float = 0.1
     amp: bool = False
+    init: str = "default"
 
     def validate(self) -> None:
         """Raise :class:`TrainError` naming the first field with an impossible value."""
@@ -104,6 +109,7 @@ class Recipe:
             ("num_workers", self.num_workers >= 0, "zero or positive"),
             ("eval_batch_size", self.eval_batch_size >= 1, "at least 1"),
             ("holdout_fraction", 0 <= self.holdout_fraction < 1, "in [0, 1)"),
+            ("init", self.init in INITS, f"one of {', '.join(INITS)}"),
         ]
         for name, ok, need in checks:
             if not ok:
@@ -577,13 +583,64 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, spec: ModelSpec, recipe: 
         diffs.append(f"dataset {ckpt['dataset']!r} vs {dataset!r}")
     old = ckpt["recipe"]
     for f in fields(Recipe):
-        if f.name not in SPEED_ONLY_FIELDS and old.get(f.name) != getattr(recipe, f.name):
-            diffs.append(f"{f.name} {old.get(f.name)!r} vs {getattr(recipe, f.name)!r}")
+        before = old.get(f.name, f.default)  # a field added later has its default in older checkpoints
+        if f.name not in SPEED_ONLY_FIELDS and before != getattr(recipe, f.name):
+            diffs.append(f"{f.name} {before!r} vs {getattr(recipe, f.name)!r}")
     if diffs:
         raise TrainError(
             f"{path} holds a run with different settings ({'; '.join(diffs)}); resuming would not reproduce either run. "
             "Use a new output folder, or start over in this one with resume=False (--no-resume)."
         )
+
+
+def sincos_2d(rows: int, cols: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes ``(rows * cols, dim)`` (MAE / MoCo v3 form): a quarter of
+    the channels each for sin and cos of the column and of the row, so nearby patches get similar codes."""
+    if dim % 4:
+        raise TrainError(f"2-D sine-cosine position codes need a width divisible by 4, got {dim}")
+    gy, gx = torch.meshgrid(torch.arange(rows, dtype=torch.float32), torch.arange(cols, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / max(1, dim // 4 - 1))
+    y = gy.flatten()[:, None] * omega[None]
+    x = gx.flatten()[:, None] * omega[None]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+@torch.no_grad()
+def mimetic_init(model: nn.Module, alpha: float = 0.7, beta: float = 0.7, pos_scale: float = 1.0) -> nn.Module:
+    """Mimetic initialisation of a timm ``VisionTransformer``'s attention (Trockman & Kolter 2023).
+
+    Each head's query and key weights are set so that ``W_q^T W_k`` approximates ``alpha Z + beta I``
+    (``Z`` random): at the start a token's query is most similar to its own key. With the patch
+    position embeddings set to 2-D sine-cosine codes (times ``pos_scale``), in which neighbours are
+    similar, heads begin by attending near their own position — the locality a large data set
+    teaches a ViT and a small one does not. Training is free to change every weight afterwards.
+    Draws from torch's global RNG (the caller seeds it). Returns ``model``.
+    """
+    from timm.layers import Attention
+
+    blocks = getattr(model, "blocks", None)
+    pos = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if blocks is None or pos is None or grid is None:
+        raise TrainError(f"mimetic initialisation needs a timm VisionTransformer (blocks, pos_embed, patch_embed); got {type(model).__name__}")
+    D = int(model.embed_dim)
+    prefix = pos.shape[1] - int(grid[0]) * int(grid[1])
+    pos[0, prefix:] = pos_scale * sincos_2d(int(grid[0]), int(grid[1]), D)
+    pos[0, :prefix] = 0.0
+    for i, blk in enumerate(blocks):
+        attn = blk.attn
+        if not isinstance(attn, Attention):
+            raise TrainError(f"mimetic initialisation needs timm's Attention in every block; block {i} has {type(attn).__name__}")
+        H = attn.num_heads
+        dh = D // H
+        w = attn.qkv.weight  # (3D, D): query rows, key rows, value rows
+        for h in range(H):
+            m = alpha * torch.randn(D, D) / D**0.5 + beta * torch.eye(D)
+            u, sv, vh = torch.linalg.svd(m)
+            root = sv[:dh].sqrt()
+            w[h * dh : (h + 1) * dh] = (u[:, :dh] * root).T
+            w[D + h * dh : D + (h + 1) * dh] = vh[:dh] * root[:, None]
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,7 +702,10 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
     spec = ModelSpec(spec.arch, {**spec.kwargs, "num_classes": len(classes)}, spec.factory)
     spec.check_serialisable()
     torch.manual_seed(recipe.seed)
-    net = spec.build().to(ctx.device)
+    net = spec.build()
+    if recipe.init == "mimetic":
+        mimetic_init(net)
+    net = net.to(ctx.device)
     cfg = data_config_for(net)
     net.pretrained_cfg = dict(cfg)
     net.default_cfg = net.pretrained_cfg

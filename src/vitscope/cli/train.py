@@ -56,6 +56,7 @@ def train(
     holdout: float = typer.Option(0.1, "--holdout", help="for a folder without val/ or test/: share of images held out for testing"),
     num_workers: int = typer.Option(0, "--num-workers", help="data loader worker processes"),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bfloat16 autocast on CUDA"),
+    init: str = typer.Option("default", "--init", help="'default' (the architecture's own) or 'mimetic' (attention starts positional; Trockman & Kolter 2023)"),
     model_arg: list[str] = typer.Option([], "--model-arg", "-a", help="KEY=VALUE keyword argument for the model factory (JSON value), repeatable"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
@@ -83,7 +84,7 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, augment=augment, crop_padding=crop_padding,
         hflip=hflip, grad_clip=grad_clip if grad_clip > 0 else None, seed=seed, num_workers=num_workers,
-        holdout_fraction=holdout, amp=amp,
+        holdout_fraction=holdout, amp=amp, init=init,
     )  # fmt: skip
     try:
         run_training(arch, dataset, out, recipe, model_args=model_kwargs(model_arg), data_root=data_root,
