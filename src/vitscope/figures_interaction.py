@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from vitscope.analysis.fields import flow_colours
+from vitscope.core.indices import select_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -37,11 +38,7 @@ def _figure(n: int, ncols: int, size: float = 2.6) -> tuple["Figure", np.ndarray
 
 
 def _layers(stats_layers: int, layers: Optional[Sequence[int]]) -> list[int]:
-    sel = list(range(stats_layers)) if layers is None else [int(l) for l in layers]
-    bad = [l for l in sel if not 0 <= l < stats_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range 0..{stats_layers - 1}")
-    return sel
+    return select_layers(layers, stats_layers, "the statistics")
 
 
 def _grid_axes(ax: Any, grid: tuple[int, int]) -> None:

@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from vitscope.analysis.inputs import Targets
 from vitscope.analysis.inputs import as_batch as _as_batch
 from vitscope.analysis.inputs import resolve_targets as _resolve_targets
-import torch.nn.functional as F
-
 from vitscope.capture.masks import REGIONS, region_matrix
 from vitscope.capture.runtime import LayerPlan
+from vitscope.core.indices import check_head
 from vitscope.core.stats import bootstrap_means
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,10 +55,7 @@ HeadOrder = Union[Sequence[tuple[int, int]], pd.DataFrame]
 
 # --------------------------------------------------------------------------- helpers
 def _check_head(vit: "ViT", layer: int, head: int) -> None:
-    if not 0 <= int(layer) < vit.num_layers:
-        raise ValueError(f"layer {layer} out of range: {vit.name} has layers 0..{vit.num_layers - 1}")
-    if not 0 <= int(head) < vit.num_heads:
-        raise ValueError(f"head {head} out of range: {vit.name} has heads 0..{vit.num_heads - 1} in every layer")
+    check_head(layer, head, vit.num_layers, vit.num_heads, vit.name)
 
 
 def _stream_change(pruned: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

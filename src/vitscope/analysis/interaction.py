@@ -49,11 +49,11 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import numpy as np
 import pandas as pd
 import torch
-
-from vitscope.analysis.inputs import Targets, as_batch, resolve_targets
 import torch.nn.functional as F
 
+from vitscope.analysis.inputs import Targets, as_batch, resolve_targets
 from vitscope.capture.runtime import LayerPlan
+from vitscope.core.indices import check_layer, select_layers
 from vitscope.core.stats import Welford, benjamini_hochberg, ttest_pvalues, zero_spread
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,15 +74,7 @@ def split_batch(batch: Any) -> tuple[Any, Targets]:
 
 
 def _layers(vit: "ViT", layers: Optional[Sequence[int]]) -> list[int]:
-    if layers is None:
-        return list(range(vit.num_layers))
-    sel = sorted(set(int(l) for l in layers))
-    bad = [l for l in sel if not 0 <= l < vit.num_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: {vit.name} has layers 0..{vit.num_layers - 1}")
-    if not sel:
-        raise ValueError("layers is empty; pass None for every layer")
-    return sel
+    return select_layers(layers, vit.num_layers, vit.name, allow_empty=False)
 
 
 def _patch_indices(values: Indices, num_patches: int, what: str) -> np.ndarray:
@@ -231,9 +223,7 @@ def knockout_impact(
     :func:`first_order_impact`.
     """
     vit._require_head()
-    if not 0 <= int(layer) < vit.num_layers:
-        raise ValueError(f"layer {layer} out of range: {vit.name} has layers 0..{vit.num_layers - 1}")
-    layer = int(layer)
+    layer = check_layer(layer, vit.num_layers, vit.name)
     if int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     lay = vit.layout

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vitscope.capture.masks import MaskSpec, compile_masks
 from vitscope.capture.runtime import AttentionRuntime, LayerPlan
+from vitscope.core.indices import select_layers
 from vitscope.core.layout import TokenLayout
 from vitscope.models.preprocessing import ImageLike, Preprocessing
 
@@ -313,13 +314,7 @@ class ViT:
 
     # ---------------------------------------------------------------- helpers
     def _layers(self, layers: Optional[Sequence[int]]) -> list[int]:
-        if layers is None:
-            return list(range(self.num_layers))
-        sel = sorted(set(int(l) for l in layers))
-        bad = [l for l in sel if not 0 <= l < self.num_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: {self.name} has layers 0..{self.num_layers - 1}")
-        return sel
+        return select_layers(layers, self.num_layers, self.name)
 
     def _check_seen(self, seen: set[int], wanted: Sequence[int]) -> None:
         missing = sorted(set(wanted) - seen)
