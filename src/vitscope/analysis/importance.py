@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from vitscope.analysis.inputs import Targets
 from vitscope.analysis.inputs import as_batch as _as_batch
 from vitscope.analysis.inputs import resolve_targets as _resolve_targets
+from vitscope.analysis.inputs import split_batch as _split_batch
 from vitscope.capture.masks import REGIONS, region_matrix
 from vitscope.capture.runtime import LayerPlan
 from vitscope.core.indices import check_head
@@ -470,12 +471,6 @@ def _order_list(vit: "ViT", order: HeadOrder, name: str) -> list[tuple[int, int]
 def default_steps(n: int, points: int = 13) -> list[int]:
     """About ``points`` evenly spaced head counts from 0 to ``n`` (inclusive)."""
     return sorted(set(np.linspace(0, n, min(points, n + 1)).round().astype(int).tolist()))
-
-
-def _split_batch(batch: Any) -> tuple[Any, Targets]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (str, bytes)):
-        return batch[0], batch[1]
-    return batch, None
 
 
 @torch.no_grad()

@@ -39,3 +39,12 @@ def resolve_targets(targets: Targets, prediction: torch.Tensor, num_classes: int
             "use -1 to mean 'the model's own prediction'"
         )
     return torch.where(t < 0, prediction, t)
+
+
+def split_batch(batch: Any) -> tuple[Any, Targets]:
+    """``x``, ``(x, targets)`` or a :class:`vitscope.data.Batch` -> ``(x, targets)``."""
+    if hasattr(batch, "x") and hasattr(batch, "labels"):
+        return batch.x, batch.labels
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (str, bytes)):
+        return batch[0], batch[1]
+    return batch, None

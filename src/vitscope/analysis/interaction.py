@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from vitscope.analysis.inputs import Targets, as_batch, resolve_targets
+from vitscope.analysis.inputs import Targets, as_batch, resolve_targets, split_batch
 from vitscope.capture.runtime import LayerPlan
 from vitscope.core.indices import check_layer, select_layers
 from vitscope.core.stats import Welford, benjamini_hochberg, ttest_pvalues, zero_spread
@@ -64,15 +64,6 @@ Indices = Union[None, int, Sequence[int], np.ndarray]
 
 
 # --------------------------------------------------------------------------- helpers
-def split_batch(batch: Any) -> tuple[Any, Targets]:
-    """``x``, ``(x, targets)`` or a :class:`vitscope.data.Batch` -> ``(x, targets)``."""
-    if hasattr(batch, "x") and hasattr(batch, "labels"):
-        return batch.x, batch.labels
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (str, bytes)):
-        return batch[0], batch[1]
-    return batch, None
-
-
 def _layers(vit: "ViT", layers: Optional[Sequence[int]]) -> list[int]:
     return select_layers(layers, vit.num_layers, vit.name, allow_empty=False)
 

@@ -9,10 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+from vitscope.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 
 #: Fashion-MNIST pixel statistics of the training split (values in 0..1).
 FASHION_MNIST_MEAN = (0.2860,)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from vitscope.capture.runtime import AttentionRuntime
-from vitscope.models.errors import UnsupportedModelError
 from vitscope.core.layout import TokenLayout
+from vitscope.models.errors import UnsupportedModelError
 
 
 def _patched_forward(runtime: AttentionRuntime, layer: int, original):
@@ -91,22 +91,7 @@ class TimmBackend:
             attn.forward = types.MethodType(_patched_forward(runtime, i, original), attn)
 
     def layout(self) -> TokenLayout:
-        m = self.module
-        has_cls = getattr(m, "cls_token", None) is not None
-        dist = getattr(m, "dist_token", None) is not None
-        n_reg = int(getattr(m, "num_reg_tokens", 0) or 0)
-        idx = 0
-        cls_index = None
-        if has_cls:
-            cls_index, idx = 0, 1
-        dist_index = None
-        if dist:
-            dist_index, idx = idx, idx + 1
-        regs = tuple(range(idx, idx + n_reg))
-        num_prefix = int(m.num_prefix_tokens)
-        grid = tuple(int(g) for g in m.patch_embed.grid_size)
-        patch = tuple(int(p) for p in m.patch_embed.patch_size)
-        return TokenLayout(num_prefix, cls_index, dist_index, regs, grid, patch)  # type: ignore[arg-type]
+        return timm_layout(self.module)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
@@ -121,3 +106,23 @@ class TimmBackend:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+def timm_layout(m: nn.Module) -> TokenLayout:
+    """The token layout of a timm ``VisionTransformer`` from its attributes alone (no forward):
+    CLS, then the distillation token, then registers, then the patch grid."""
+    has_cls = getattr(m, "cls_token", None) is not None
+    dist = getattr(m, "dist_token", None) is not None
+    n_reg = int(getattr(m, "num_reg_tokens", 0) or 0)
+    idx = 0
+    cls_index = None
+    if has_cls:
+        cls_index, idx = 0, 1
+    dist_index = None
+    if dist:
+        dist_index, idx = idx, idx + 1
+    regs = tuple(range(idx, idx + n_reg))
+    num_prefix = int(m.num_prefix_tokens)
+    grid = tuple(int(g) for g in m.patch_embed.grid_size)
+    patch = tuple(int(p) for p in m.patch_embed.patch_size)
+    return TokenLayout(num_prefix, cls_index, dist_index, regs, grid, patch)  # type: ignore[arg-type]

@@ -50,8 +50,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from vitscope.models.builtin import FMNIST_VIT_TINY_ARGS, fmnist_pretrained_cfg
 from vitscope.core.layout import TokenLayout
+from vitscope.models.builtin import FMNIST_VIT_TINY_ARGS, fmnist_pretrained_cfg
+from vitscope.models.timm_backend import timm_layout
 
 #: Tensor name of the masks in a mask file written by :func:`save_masks`.
 MASKS_KEY = "masks"
@@ -74,13 +75,7 @@ class WinfTMaskError(ValueError):
 
 def layout_of(model: nn.Module) -> TokenLayout:
     """The token layout of a timm ``VisionTransformer`` (prefix tokens, patch grid), without touching the model."""
-    has_cls = getattr(model, "cls_token", None) is not None
-    n_reg = int(getattr(model, "num_reg_tokens", 0) or 0)
-    num_prefix = int(model.num_prefix_tokens)
-    start = 1 if has_cls else 0
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    patch = tuple(int(p) for p in model.patch_embed.patch_size)
-    return TokenLayout(num_prefix, 0 if has_cls else None, None, tuple(range(start, start + n_reg)), grid, patch)  # type: ignore[arg-type]
+    return timm_layout(model)
 
 
 def window_masks(layout: TokenLayout, k: int, num_layers: int) -> torch.Tensor:
