@@ -10,7 +10,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from vitscope.analysis.settings import AnalyzeSettings
 from vitscope.cli import app
+
+#: The defaults of every setting come from the settings class itself (one place).
+DEFAULTS = AnalyzeSettings()
 
 
 def _fail(console: Console, message: str) -> None:
@@ -26,17 +30,17 @@ def analyze(
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="weights file (.safetensors or .pth) for a timm name"),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="CSV with a 'path' column and a 'label' or 'class_index' column"),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="analyse only the first N images (sorted by path)"),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="images per chunk; a killed run resumes at the next unfinished chunk"),
-    seed: int = typer.Option(0, "--seed", min=0, help="seed for bootstrap, curve subset, autoencoders, projection and clustering"),
-    n_boot: int = typer.Option(1000, "--boot", min=0, help="bootstrap resamples for the 95% intervals"),
-    latent_dim: int = typer.Option(8, "--latent-dim", min=1, help="latent size of the pattern autoencoders"),
-    ae_epochs: int = typer.Option(20, "--ae-epochs", min=1, help="training epochs of each pattern autoencoder"),
-    ae_min_steps: int = typer.Option(600, "--ae-min-steps", min=0, help="at least this many autoencoder training steps (small image sets get more epochs)"),
-    n_clusters: int = typer.Option(10, "--clusters", min=1, help="pattern clusters per catalogue (patch-to-patch, CLS)"),
-    projection: str = typer.Option("umap", "--projection", help="2-D projection of the pattern codes: umap, tsne or pca"),
-    curve_images: int = typer.Option(100, "--curve-images", min=0, help="images (seeded subset, at most half) the cumulative pruning curves are measured on; heads are ranked on the others; 0 = half"),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", "-b", min=1, help="images per chunk; a killed run resumes at the next unfinished chunk"),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", min=0, help="seed for bootstrap, curve subset, autoencoders, projection and clustering"),
+    n_boot: int = typer.Option(DEFAULTS.n_boot, "--boot", min=0, help="bootstrap resamples for the 95% intervals"),
+    latent_dim: int = typer.Option(DEFAULTS.latent_dim, "--latent-dim", min=1, help="latent size of the pattern autoencoders"),
+    ae_epochs: int = typer.Option(DEFAULTS.ae_epochs, "--ae-epochs", min=1, help="training epochs of each pattern autoencoder"),
+    ae_min_steps: int = typer.Option(DEFAULTS.ae_min_steps, "--ae-min-steps", min=0, help="at least this many autoencoder training steps (small image sets get more epochs)"),
+    n_clusters: int = typer.Option(DEFAULTS.n_clusters, "--clusters", min=1, help="pattern clusters per catalogue (patch-to-patch, CLS)"),
+    projection: str = typer.Option(DEFAULTS.projection, "--projection", help="2-D projection of the pattern codes: umap, tsne or pca"),
+    curve_images: int = typer.Option(DEFAULTS.curve_images, "--curve-images", min=0, help="images (seeded subset, at most half) the cumulative pruning curves are measured on; heads are ranked on the others; 0 = half"),
     interactions: bool = typer.Option(
-        False,
+        DEFAULTS.interactions,
         "--interactions/--no-interactions",
         help="also compute paper 2's patch interactions, responsive fields, window design and patch removal "
         "(about 3 extra forward-equivalents per image, plus curves)",
@@ -53,7 +57,7 @@ def analyze(
     vitscope.open_run(OUT) or draw it with `vitscope report OUT`. Run the same command again
     after an interruption to resume; finished work is not redone.
     """
-    from vitscope.analysis.run import AnalyzeSettings, analyze as run_analyze
+    from vitscope.analysis.run import analyze as run_analyze
     from vitscope.store import RunError
 
     console = Console(stderr=True)

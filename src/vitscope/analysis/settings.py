@@ -1,0 +1,85 @@
+"""The settings of ``vitscope analyze`` (:class:`AnalyzeSettings`): one typed place for every option
+that decides a run's numbers, its defaults included. The command line reads its defaults from
+here, and the run's fingerprint is made from it. (No torch here, so ``vitscope --help`` stays fast.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+#: Settings that are switches (validated as bools, not integers).
+_BOOL_SETTINGS = ("interactions",)
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    """Everything that decides a run's numbers besides the model and the images.
+
+    Attributes:
+        batch_size: images per chunk (one forward batch; also the unit of resumption).
+        seed: seeds the bootstrap, the pruning-curve image subset, the random curve baseline,
+            autoencoder training, projection, clustering and the image overview.
+        n_boot: bootstrap resamples for the 95% intervals of head importance.
+        pattern_size: side of the pooled patch->patch thumbnails (``pattern_inputs/patch``).
+        patch_input: which map of the patch->patch block the patch-pattern autoencoder learns:
+            ``"offset"`` (relative-offset profile + key map, tells self/neighbour/row/column heads
+            apart at one-patch resolution) or ``"patch"`` (the pooled thumbnail).
+        latent_dim: size of the autoencoders' latent codes.
+        ae_epochs: training epochs of each autoencoder.
+        ae_min_steps: at least this many optimiser steps per autoencoder (small image sets get
+            more epochs).
+        ae_max_maps: at most this many (image, head) maps train each autoencoder (a seeded random
+            subset, so the cost does not grow with the image set); every map is still encoded.
+            0 = all maps.
+        n_clusters: number of pattern clusters per catalogue.
+        projection: 2-D projection of the latent codes: ``"umap"``, ``"tsne"`` or ``"pca"``.
+        curve_images: images (a seeded random subset, at most half the images) the cumulative
+            pruning curves are measured on, which costs about one forward per curve point and
+            metric; the heads are ranked on the other images (held out). 0 = half the images.
+        curve_points: number of points ``k`` (heads removed) on each pruning curve.
+        interactions: also compute Paper 2's patch interactions (first-order edge impacts with
+            significance), responsive fields, the window-design curve, the patch-removal curve and
+            the estimate-vs-knock-out agreement (about 3 extra forward-equivalents per image, plus
+            the curves on at most ``curve_images`` images); see docs/interactions.md.
+    """
+
+    batch_size: int = 32
+    seed: int = 0
+    n_boot: int = 1000
+    pattern_size: int = 16
+    patch_input: str = "offset"
+    latent_dim: int = 8
+    ae_epochs: int = 20
+    ae_min_steps: int = 600
+    ae_max_maps: int = 10_000
+    n_clusters: int = 10
+    projection: str = "umap"
+    curve_images: int = 100
+    curve_points: int = 7
+    interactions: bool = False
+
+    def validate(self) -> None:
+        choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch")}
+        minimum = {"seed": 0, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "ae_min_steps": 0, "curve_points": 2}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in _BOOL_SETTINGS:
+                if not isinstance(v, bool):
+                    raise ValueError(f"{f.name} must be True or False, got {v!r}")
+                continue
+            if f.name in choices:
+                if v not in choices[f.name]:
+                    raise ValueError(f"{f.name} must be one of {', '.join(choices[f.name])}; got {v!r}")
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{f.name} must be an integer, got {v!r}")
+            if v < minimum.get(f.name, 1):
+                raise ValueError(f"{f.name} must be at least {minimum.get(f.name, 1)}, got {v}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def catalogue_inputs(self) -> dict[str, str]:
+        """Pattern catalogue name -> the ``pattern_inputs`` map kind its autoencoder learns."""
+        return {"patch": self.patch_input, "cls": "cls"}
