@@ -16,12 +16,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import csv
+import errno
 import os
+import re
+import stat
 import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union, overload
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
@@ -165,55 +168,157 @@ def open_image(path: PathLike, max_pixels: Optional[float] = None) -> Image.Imag
     - Multi-frame files (GIF, TIFF) give their first frame.
 
     ``max_pixels`` bounds width x height so a hostile or broken file cannot exhaust memory; ``None``
-    uses ``PIL.Image.MAX_IMAGE_PIXELS``. Any image above the limit is refused (Pillow itself only warns
-    below twice the limit).
+    uses ``PIL.Image.MAX_IMAGE_PIXELS``. Any image above the limit is refused from its header, before
+    its pixels are allocated (Pillow itself only warns below twice the limit).
 
-    Raises :class:`ImageError` (with ``.path`` and ``.reason``) for missing, empty, non-image,
-    corrupt, truncated (unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was set) and over-limit files.
-    EPS files are never opened, since decoding them runs Ghostscript on the file.
+    Raises :class:`ImageError` (with ``.path`` and ``.reason``) for missing, unreadable, empty,
+    non-image, corrupt, truncated (unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was set) and
+    over-limit files, and for broken or looping symbolic links; whatever exception Pillow's reader for
+    the format raises becomes an ``ImageError``. EPS files are never opened, since decoding them runs
+    Ghostscript on the file.
     """
     p = Path(path)
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        size = p.stat().st_size
-    except FileNotFoundError:
-        raise ImageError(p, "file not found") from None
+        st = p.stat()
     except OSError as e:
-        raise ImageError(p, f"cannot read file ({e.strerror or e})") from None
-    if p.is_dir():
+        raise ImageError(p, _unreadable_reason(p, e)) from None
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(p, "is a folder, not an image file")
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        # Opening a named pipe would wait for a writer forever, and a device never ends.
+        raise ImageError(p, "not a regular file (a named pipe, socket or device), so not an image file")
+    if st.st_size == 0:
         raise ImageError(p, "empty file (0 bytes)")
+    try:
+        fh = open(p, "rb")
+    except OSError as e:
+        raise ImageError(p, _unreadable_reason(p, e)) from None
 
-    with warnings.catch_warnings():
-        # Pillow's own bomb check warns between 1x and 2x its limit; make every over-limit image an error.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
+    # The file is opened here, not by Pillow, so that an OSError from Pillow is always about the
+    # data (e.g. a seek before the start of a short file), never mistaken for a permission problem.
+    with fh:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns between 1x and 2x its limit; make every over-limit image an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _pillow_pixel_limit(limit):
-                with Image.open(p, formats=_safe_formats()) as im:
-                    _check_pixels(p, im.size, limit)
-                    im.load()
-                    img = _to_standard_mode(p, _apply_exif_orientation(p, im))
-                    if img is im:
-                        img = im.copy()  # detach from the file handle closed on exit
-        except ImageError:
-            raise
-        except UnidentifiedImageError:
-            fmt = _claimed_format(p)
-            if fmt:
-                raise ImageError(p, f"corrupt image data (starts like a {fmt} file but its header cannot be read)") from None
-            raise ImageError(p, "not an image file (no supported image format recognised)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(p, f"too many pixels to decode safely ({e})") from None
-        except MemoryError:
-            raise ImageError(p, "not enough memory to decode this image") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as e:
-            # Pillow reports corrupt and truncated data with a mix of exception types.
-            msg = str(e) or type(e).__name__
-            if "truncated" in msg:
-                raise ImageError(p, f"truncated image data ({msg})") from None
-            raise ImageError(p, f"corrupt image data ({msg})") from None
+                im = _decode(p, fh, limit)
+        with im:
+            try:
+                img = _to_standard_mode(p, _apply_exif_orientation(p, im))
+            except ImageError:
+                raise
+            except (OSError, ValueError) as e:
+                raise ImageError(p, f"corrupt image data ({e or type(e).__name__})") from None
+            if img is im:
+                img = im.copy()  # detach from the file closed on exit
     return img
+
+
+def _decode(path: Path, fh: BinaryIO, limit: Optional[float]) -> Image.Image:
+    """Read ``path`` (open as ``fh``) with Pillow and load its (first) frame; every failure becomes an :class:`ImageError`.
+
+    Pillow's format readers report a damaged file with many exception types besides ``OSError``,
+    ``SyntaxError``, ``ValueError`` and ``EOFError``: ``IndexError``, ``TypeError`` or
+    ``ZeroDivisionError`` from impossible header values and, found by fuzzing, ``NotImplementedError``
+    for an unknown DDS pixel format or BLP compression, ``RuntimeError`` from libavif, even
+    ``AttributeError`` from the SPIDER reader. Whatever a reader raises while reading one file means
+    that file cannot be decoded, so every ``Exception`` is caught here; the conversion of the decoded
+    pixels is outside, so a bug there still surfaces instead of being reported as a bad file.
+    """
+    im: Optional[Image.Image] = None
+    try:
+        im = Image.open(fh, formats=_safe_formats())
+        _check_pixels(path, im.size, limit)
+        im.load()
+        _check_complete(path, fh, im)
+        return im
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        fmt = im.format if im is not None else None
+        if im is not None:
+            im.close()
+        if isinstance(e, ImageError):
+            raise
+        raise _decode_error(path, e, fmt, limit) from None
+
+
+def _decode_error(path: Path, e: Exception, fmt: Optional[str], limit: Optional[float]) -> ImageError:
+    """The :class:`ImageError` for exception ``e`` raised by Pillow while reading ``path`` (a ``fmt`` file, if known)."""
+    if isinstance(e, UnidentifiedImageError):
+        claimed = _claimed_format(path)
+        if claimed == "EPS":
+            return ImageError(
+                path,
+                "EPS/PostScript file, which vitscope does not open (decoding it runs Ghostscript on the "
+                "program it contains); convert it to PNG first if you trust it",
+            )
+        if claimed:
+            return ImageError(path, f"corrupt image data (starts like a {claimed} file but its header cannot be read)")
+        named = Image.registered_extensions().get(path.suffix.lower())
+        if named and named not in Image.OPEN and named != "MPO":  # the JPEG reader opens MPO files
+            return ImageError(path, f"not an image file that can be read (Pillow writes {named} files but cannot read them)")
+        if named:
+            # Some formats (TGA, IM, SPIDER) have no signature, so damage and "not an image" look alike.
+            return ImageError(
+                path,
+                f"not an image file (no supported image format recognised, although the {path.suffix} name "
+                f"suggests {named}: it is another kind of file, or damaged {named} data)",
+            )
+        return ImageError(path, "not an image file (no supported image format recognised)")
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        # Raised from the header, before any pixel is allocated; say it with our limit (above twice
+        # its limit Pillow's message quotes that doubled threshold, not the limit in force).
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = f"{int(m.group(1)):,} pixels" if m else "more pixels than allowed"
+        shown = f"the limit of {int(limit):,} pixels" if limit is not None else "Pillow's pixel limit"
+        return ImageError(
+            path,
+            f"image has {n}, over {shown} (a possible decompression bomb); pass a larger max_pixels if you trust this file",
+        )
+    if isinstance(e, MemoryError):
+        return ImageError(path, "not enough memory to decode this image")
+    msg = str(e) or type(e).__name__
+    what = f"{fmt} image data" if fmt else "image data"
+    if "truncated" in msg:
+        return ImageError(path, f"truncated {what} ({msg})")
+    if isinstance(e, NotImplementedError):
+        return ImageError(path, f"corrupt or unsupported {what} ({msg})")
+    return ImageError(path, f"corrupt {what} ({msg})")
+
+
+def _unreadable_reason(path: Path, e: OSError) -> str:
+    """Why the operating system would not let us read ``path``, in words for the user."""
+    if e.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return f"broken symbolic link (its target {os.path.realpath(path)} does not exist)"
+        return "file not found"
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop (following the link leads back to itself)"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied (this user may not read the file)"
+    return f"cannot read file ({e.strerror or e})"
+
+
+def _check_complete(path: Path, fh: BinaryIO, im: Image.Image) -> None:
+    """Refuse a file that Pillow decodes without complaint although its end is missing.
+
+    An 8-bit PCX image keeps its 256-colour palette in its last 769 bytes (a 12 byte, then 256 RGB
+    triples). When that is cut off, Pillow silently reads the colour indices as grey levels, which
+    would analyse wrong pixels. (Every other format Pillow writes raises on truncated pixel data.)
+    """
+    if im.format != "PCX":
+        return
+    fh.seek(0)
+    header = fh.read(128)
+    if len(header) < 66 or (header[1], header[3], header[65]) != (5, 8, 1):
+        return  # not a 256-colour image: no palette at the end
+    size = fh.seek(0, os.SEEK_END)
+    marker = b""
+    if size >= 128 + 769:
+        fh.seek(-769, os.SEEK_END)
+        marker = fh.read(1)
+    if marker != b"\x0c":
+        raise ImageError(path, "truncated PCX image data (the 256-colour palette that ends the file is missing)")
 
 
 _SAFE_FORMATS: Optional[list[str]] = None
@@ -229,13 +334,15 @@ def _safe_formats() -> list[str]:
 
 
 def _claimed_format(path: Path) -> Optional[str]:
-    """The format whose signature the file starts with, if any (to tell corrupt images from non-images)."""
+    """The format whose signature the file starts with, if any (to tell corrupt images and EPS from non-images)."""
     try:
         with open(path, "rb") as fh:
             prefix = fh.read(16)
     except OSError:
         return None
-    for fmt in _safe_formats():
+    for fmt in [*_safe_formats(), "EPS"]:
+        if fmt not in Image.OPEN:
+            continue
         accept = Image.OPEN[fmt][1]
         try:
             if accept is not None and accept(prefix) is True:
@@ -428,7 +535,7 @@ def _list_images(root: Path, recursive: bool) -> list[Path]:
         # Symlinked folders are followed (datasets are often assembled from links); a folder reached
         # twice through links is listed once, which also stops link cycles.
         visited: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_warn_unlistable):
             real = os.path.realpath(dirpath)
             if real in visited:
                 dirnames[:] = []
@@ -441,10 +548,28 @@ def _list_images(root: Path, recursive: bool) -> list[Path]:
                     found.append((full.relative_to(root).as_posix(), full))
     else:
         for entry in os.scandir(root):
-            if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            # Like os.walk: everything that is not a folder is a file, so a broken or looping symlink
+            # is listed (and later skipped with its reason) instead of vanishing or raising here.
+            if not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS) and not _is_dir(entry):
                 found.append((entry.name, Path(entry.path)))
     found.sort(key=lambda t: t[0])
     return [p for _, p in found]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # e.g. a symlink loop
+        return False
+
+
+def _warn_unlistable(e: OSError) -> None:
+    """os.walk error handler: a sub-folder that cannot be read is reported, not silently left out."""
+    warnings.warn(
+        f"could not list folder {e.filename} ({e.strerror or e}); the images in it are not included",
+        VitscopeDataWarning,
+        stacklevel=2,
+    )
 
 
 def _set_from_folder(src: Path, labels: LabelsArg, limit: Optional[int], names: Optional[list[str]], recursive: bool) -> ImageSet:
@@ -766,6 +891,9 @@ def _load_one(record: ImageRecord, preprocess: Preprocess, max_pixels: Optional[
 
     Warnings are returned rather than emitted so that worker processes can hand them to the caller.
     """
+    problem = _unstorable_name(record.path)
+    if problem is not None:
+        return None, problem, []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -779,6 +907,30 @@ def _load_one(record: ImageRecord, preprocess: Preprocess, max_pixels: Optional[
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"preprocess must return a torch.Tensor, got {type(x).__name__} for {record.path}")
     return x, None, _caught(caught)
+
+
+def _unstorable_name(path: Path) -> Optional[str]:
+    """Why results for ``path`` could not be stored, or ``None``: its name is not valid UTF-8.
+
+    Linux file names are bytes; Python keeps bytes that are not UTF-8 (e.g. Latin-1 ``caf\\xe9.png``)
+    as lone surrogates, which the run's tables (UTF-8 text) cannot hold, so such a file would stop a
+    whole run when its row is written. It is skipped with this reason instead.
+    """
+    if _encodes(str(path)):
+        return None
+    bad = next((part for part in path.parts if not _encodes(part)), path.name)
+    return (
+        f"file name is not valid UTF-8 ({os.fsencode(bad)!r}); vitscope stores file names as UTF-8 text, "
+        "so rename the file (e.g. with convmv) to analyse it"
+    )
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _caught(caught: list[warnings.WarningMessage]) -> list[tuple[type, str]]:
@@ -823,6 +975,8 @@ def iter_batches(
     order and failure reports are the same as with ``num_workers=0``. ``preprocess`` then has to be
     picklable if the platform starts workers by spawning. Errors raised by ``preprocess`` itself are
     not skipped: they stop the iteration, naming the file. ``max_pixels`` is passed to :func:`open_image`.
+    A file whose name is not valid UTF-8 is skipped too (with a reason saying so), since its results
+    could not be stored.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
