@@ -129,7 +129,7 @@ def test_numbers_match_a_direct_computation(run):
 def test_report_draws_the_interaction_figures(run, tmp_path):
     from vitscope.report import write_report
 
-    index = write_report(run, tmp_path / "report")
+    index = write_report(run, tmp_path / "report", svg=True)
     page = index.read_text()
     for stem in ("field_arrows", "field_flow", "field_growth", "window_curve", "removal_curve", "interaction_agreement"):
         for fmt in ("png", "svg"):

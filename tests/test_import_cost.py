@@ -38,7 +38,7 @@ def test_cli_help_and_argument_errors_are_light(argv):
     assert _heavy_modules_after(code) == []
 
 
-def test_reading_a_run_is_light(tmp_path):
+def test_reading_a_run_and_drawing_its_report_are_light(tmp_path):
     import vitscope
     from vitscope.analysis.run import AnalyzeSettings
 
@@ -50,6 +50,8 @@ def test_reading_a_run_is_light(tmp_path):
         "assert len(run.heads) == 24 and len(run.images) == 4\n"
         "run.array('attention_mean')[0, 0]\n"
         "run.patterns['patch'].maps\n"
+        "from vitscope.report import write_report\n"
+        f"write_report(run, {str(tmp_path / 'report')!r})\n"
     )
     assert _heavy_modules_after(code) == []
     # and the names still resolve to the real objects

@@ -34,7 +34,7 @@ EXPECTED = [
 def test_report_writes_every_figure_and_an_offline_page(run, tmp_path):
     from vitscope.report import write_report
 
-    index = write_report(run, tmp_path / "rep")
+    index = write_report(run, tmp_path / "rep", svg=True)
     folder = index.parent
     for stem in EXPECTED:
         for ext in ("png", "svg"):

@@ -85,7 +85,7 @@ def plot_field_arrows(
     """
     dy, dx, size = (np.asarray(stats[k], dtype=np.float64) for k in ("dy", "dx", "size"))
     sel = _layers(dy.shape[0], layers)
-    pos = layout.patch_positions().numpy()
+    pos = layout.patch_grid()
     if length is None:
         mag = np.hypot(dx[sel], dy[sel])
         top = float(np.nanpercentile(mag, 95)) if np.isfinite(mag).any() else 0.0

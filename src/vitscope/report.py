@@ -16,7 +16,7 @@ import html
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -55,10 +55,10 @@ def _new_figure(width: float, height: float) -> "Figure":
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save(fig: "Figure", folder: Path, stem: str) -> None:
+def _save(fig: "Figure", folder: Path, stem: str, formats: Sequence[str] = FORMATS) -> None:
     from vitscope.figures.save import save_figure
 
-    save_figure(fig, folder, stem, FORMATS)
+    save_figure(fig, folder, stem, formats)
 
 
 def _metrics(heads: pd.DataFrame) -> list[str]:
@@ -466,7 +466,7 @@ def _interaction_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Fig
                      "images, by CLS attention, and at random (band: min-max over seeds).",
                      lambda: fi.plot_removal_curve(run.table("removal_curve"))))
     if run.has_table("interaction_agreement"):
-        from vitscope.analysis.interaction import agreement_summary
+        from vitscope.analysis.interaction_tables import agreement_summary
 
         plan.append(("interaction_agreement", "First-order estimate vs knock-out", "Spearman correlation, per layer, between "
                      "the first-order impacts of a query's edges and the exact loss change of knocking each edge out "
@@ -475,10 +475,12 @@ def _interaction_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Fig
     return plan
 
 
-def write_report(run: Union["Run", str, Path], out: Union[str, Path, None] = None) -> Path:
-    """Write every figure (``<name>.png`` and ``<name>.svg``) and ``index.html`` into ``out``.
+def write_report(run: Union["Run", str, Path], out: Union[str, Path, None] = None, *, svg: bool = False) -> Path:
+    """Write every figure as ``<name>.png`` (and ``<name>.svg`` with ``svg``) and ``index.html`` into ``out``.
 
     ``run`` is a :class:`~vitscope.store.Run` or a run folder; ``out`` defaults to ``RUN/report``.
+    Everything is drawn from the run alone (no model, no weights file). SVG files are written only
+    on request: drawing each figure a second time for them doubles the report's cost.
     Returns the path of ``index.html``.
     """
     from vitscope.store import Run, open_run
@@ -487,41 +489,38 @@ def write_report(run: Union["Run", str, Path], out: Union[str, Path, None] = Non
         run = open_run(run)
     folder = Path(out) if out is not None else run.path / "report"
     folder.mkdir(parents=True, exist_ok=True)
+    formats = FORMATS if svg else ("png",)
     entries = []
     for stem, title, caption, make in _figure_plan(run):
         fig = make()
-        _save(fig, folder, stem)
+        _save(fig, folder, stem, formats)
         entries.append(FigureEntry(stem, title, caption))
-    entries += _winft_mask_figures(run, folder)
+    entries += _winft_mask_figures(run, folder, formats)
     index = folder / "index.html"
-    index.write_text(_html(run, entries), encoding="utf-8")
+    index.write_text(_html(run, entries, svg=svg), encoding="utf-8")
     return index
 
 
-def _winft_mask_figures(run: "Run", folder: Path) -> list[FigureEntry]:
-    """When the analysed model is a WinfT (a weights file written by ``vitscope train``), draw its masks."""
-    spec = str(run.manifest.get("model", {}).get("spec", ""))
-    path = Path(spec)
-    if path.suffix != ".safetensors" or not path.is_file():
+def _winft_mask_figures(run: "Run", folder: Path, formats: Sequence[str] = FORMATS) -> list[FigureEntry]:
+    """When the analysed model has attention masks (a WinfT; the run stores ``winft_masks``), draw them."""
+    if "winft_masks" not in run.arrays():
         return []
-    from safetensors import safe_open
+    from vitscope.figures.winft import plot_mask_budget, plot_winft_masks
+    from vitscope.figures.save import save_figure
 
-    from vitscope.models.loader import META_ARCH
+    from vitscope.core.grid import allowed_from_keys
 
-    with safe_open(str(path), framework="pt") as f:
-        arch = (f.metadata() or {}).get(META_ARCH, "")
-    if not arch.startswith("winft"):
-        return []
-    from vitscope.figures.winft import draw_winft_masks
-
-    draw_winft_masks(path, folder)
+    layout = _run_layout(run)
+    masks = allowed_from_keys(np.asarray(run.array("winft_masks")[...], dtype=bool), layout)
+    save_figure(plot_winft_masks(masks, layout), folder, "winft_masks", formats)
+    save_figure(plot_mask_budget(masks, layout), folder, "winft_mask_budget", formats)
     return [
         FigureEntry("winft_masks", "WinfT attention masks", "Allowed keys (from the reference model's responsive fields) of a few query patches, per layer; CLS attends and is attended globally."),
         FigureEntry("winft_mask_budget", "WinfT key budget by layer", "Mean number of patch keys each query may attend to, per layer."),
     ]
 
 
-def _html(run: "Run", entries: list[FigureEntry]) -> str:
+def _html(run: "Run", entries: list[FigureEntry], svg: bool = False) -> str:
     m = run.manifest
     model = m["model"]
     counts = m.get("counts", {})
@@ -540,9 +539,12 @@ def _html(run: "Run", entries: list[FigureEntry]) -> str:
         if fails
         else "<p>No image was skipped.</p>"
     )
+    def svg_link(e: FigureEntry) -> str:
+        return f' <a href="{e.stem}.svg">SVG</a>' if svg else ""
+
     figs = "\n".join(
         f'<figure id="{e.stem}"><h2>{esc(e.title)}</h2><img src="{e.stem}.png" alt="{esc(e.title)}">'
-        f'<figcaption>{esc(e.caption)} <a href="{e.stem}.svg">SVG</a></figcaption></figure>'
+        f'<figcaption>{esc(e.caption)}{svg_link(e)}</figcaption></figure>'
         for e in entries
     )
     toc = " · ".join(f'<a href="#{e.stem}">{esc(e.title)}</a>' for e in entries)

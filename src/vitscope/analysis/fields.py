@@ -93,7 +93,7 @@ def field_statistics(membership: Any, layout: "TokenLayout", weights: Optional[A
     P = layout.num_patches
     if m.shape[-2:] != (P, P):
         raise ValueError(f"membership must end in ({P}, {P}) for this model's {P} patches, got {m.shape}")
-    pos = layout.patch_positions().numpy().astype(np.float64)  # (P, 2) as (row, col)
+    pos = layout.patch_grid().astype(np.float64)  # (P, 2) as (row, col)
     w = m.astype(np.float64)
     if weights is not None:
         ww = np.clip(np.broadcast_to(np.asarray(weights, dtype=np.float64), m.shape), 0.0, None) * m
@@ -226,7 +226,7 @@ class FieldAccumulator:
         means over the images with a non-empty field (NaN where there are none)."""
         from scipy import stats
 
-        from vitscope.analysis.interaction import benjamini_hochberg
+        from vitscope.core.stats import benjamini_hochberg
 
         if self.n_images == 0:
             raise ValueError("no images accumulated yet")
@@ -274,7 +274,7 @@ def field_frame(stats: Mapping[str, np.ndarray], layout: "TokenLayout") -> pd.Da
     if size.ndim != 2:
         raise ValueError(f"expected per-layer statistics of shape (L, P), got {size.shape}")
     L, P = size.shape
-    pos = layout.patch_positions().numpy()
+    pos = layout.patch_grid()
     df = pd.DataFrame(
         {
             "layer": np.repeat(np.arange(L), P),
@@ -307,7 +307,7 @@ def field_layer_summary(stats: Mapping[str, np.ndarray], layout: "TokenLayout") 
     """
     size = np.asarray(stats["size"])
     L, P = size.shape
-    pos = layout.patch_positions().numpy().astype(np.float64)
+    pos = layout.patch_grid().astype(np.float64)
     centre = (np.asarray(layout.grid, dtype=np.float64) - 1) / 2
     to_c = centre - pos  # (P, 2) as (drow, dcol)
     norm = np.hypot(to_c[:, 0], to_c[:, 1])

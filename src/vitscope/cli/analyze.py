@@ -114,8 +114,9 @@ def analyze(
 def report(
     run: Path = typer.Argument(..., help="run folder written by `vitscope analyze`"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: RUN/report)"),
+    svg: bool = typer.Option(False, "--svg/--no-svg", help="also write every figure as SVG (vector, for papers; doubles the drawing time)"),
 ) -> None:
-    """Draw a figure per analysis (PNG and SVG) and an index.html that shows them all."""
+    """Draw a figure per analysis (PNG, and SVG on request) and an index.html that shows them all."""
     from vitscope.report import write_report
     from vitscope.store import RunError, open_run
 
@@ -124,5 +125,5 @@ def report(
         r = open_run(run)
     except RunError as e:
         _fail(console, str(e))
-    index = write_report(r, out)
+    index = write_report(r, out, svg=svg)
     console.print(f"wrote {index} (open it in a browser; it needs no internet)")

@@ -25,7 +25,7 @@ def window_keys(layout: "TokenLayout", k: int) -> np.ndarray:
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0:
         raise ValueError(f"window side k must be an odd positive integer (1, 3, 5, ...), got {k!r}")
-    pos = layout.patch_positions().numpy()
+    pos = layout.patch_grid()
     cheb = np.abs(pos[:, None, :] - pos[None, :, :]).max(-1)
     return cheb <= (int(k) - 1) // 2
 

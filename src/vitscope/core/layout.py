@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,18 @@ class TokenLayout:
     def image_size(self) -> tuple[int, int]:
         return (self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
 
-    def patch_positions(self) -> torch.Tensor:
-        """``(P, 2)`` long tensor of (row, col) for each patch token, in sequence order."""
+    def patch_grid(self) -> "np.ndarray":
+        """``(P, 2)`` int64 array of (row, col) for each patch token, in sequence order."""
+        import numpy as np
+
         rows, cols = self.grid
-        r = torch.arange(rows).repeat_interleave(cols)
-        c = torch.arange(cols).repeat(rows)
-        return torch.stack([r, c], dim=1)
+        return np.stack([np.repeat(np.arange(rows), cols), np.tile(np.arange(cols), rows)], axis=1).astype(np.int64)
+
+    def patch_positions(self) -> "torch.Tensor":
+        """:meth:`patch_grid` as a long tensor (for code that works in torch)."""
+        import torch  # here, not at the top: reading a run's layout needs no torch
+
+        return torch.from_numpy(self.patch_grid())
 
     def describe(self) -> str:
         parts = []
