@@ -101,6 +101,7 @@ def test_killed_at_random_points_then_resumed_equals_the_uninterrupted_run(seed,
                 open_run(out)
     assert kills >= 1
     resumed = _analyze(out)
+    print(f"seed {seed}: {kills} SIGKILLs survived out of {publications} publication points; the resumed run equals the uninterrupted one")
     assert_runs_equal(resumed, reference)
     assert not list(out.rglob(".tmp-*")), "temporary files were left behind"
 
