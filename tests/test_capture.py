@@ -388,3 +388,23 @@ def test_attention_into_a_reused_buffer(random_vit):
     assert torch.equal(random_vit.attention(x, out=again), random_vit.attention(x))
     with pytest.raises(ValueError, match="out must be"):
         random_vit.attention(torch.randn(3, 3, 32, 32), out=first)
+
+
+def test_one_module_wrapped_twice_keeps_both_wrappers_working():
+    """Two ViT objects over one timm module: the first still captures after the second is made."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import vitscope
+
+    torch.manual_seed(1)
+    m = VisionTransformer(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
+    first = vitscope.load_model(m, device="cpu")
+    second = vitscope.load_model(m, device="cpu")
+    x = torch.randn(2, 3, 32, 32)
+    ref, recs = unfused_reference(first)
+    with torch.no_grad():
+        ref(x)
+    want = torch.stack([r.maps[0] for r in recs], dim=1)
+    torch.testing.assert_close(first.attention(x), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second.attention(x), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first.logits(x, masks={(0, 1): "all"}), second.logits(x, masks={(0, 1): "all"}), rtol=0, atol=0)

@@ -59,8 +59,15 @@ class ViT:
         self.library = library
         self.num_layers: int = len(backend.blocks)
         self.num_heads: int = backend.num_heads
-        self.runtime = AttentionRuntime(self.num_layers)
-        backend.install(self.runtime)
+        # One runtime per module: a module wrapped twice (two ViT objects over one model) shares it,
+        # so installing the second wrapper does not take the attention away from the first.
+        shared = getattr(backend.module, "_vitscope_shared_runtime", None)
+        if isinstance(shared, AttentionRuntime) and shared.num_layers == self.num_layers:
+            self.runtime = shared
+        else:
+            self.runtime = AttentionRuntime(self.num_layers)
+            backend.install(self.runtime)
+            backend.module._vitscope_shared_runtime = self.runtime
 
     # ----------------------------------------------------------------- basics
     @property
