@@ -355,6 +355,9 @@ def test_hf_families_capture_and_readout(family, tmp_path):
     with torch.no_grad():
         via_pieces = vit.readout(vit.run_blocks(h))
     assert (via_pieces - out.logits).abs().max().item() < 1e-5
+    # the same model passed in memory goes to the Hugging Face backend too
+    in_memory = vitscope.load_model(type(model).from_pretrained(tmp_path / family), device="cpu")
+    assert in_memory.library == vit.library and (in_memory.attention(x) - torch.stack(out.attentions, 1)).abs().max().item() <= 5e-5
 
 
 def test_model_with_its_own_boolean_mask_is_captured_exactly(random_vit):
@@ -408,3 +411,29 @@ def test_one_module_wrapped_twice_keeps_both_wrappers_working():
     torch.testing.assert_close(first.attention(x), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(second.attention(x), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(first.logits(x, masks={(0, 1): "all"}), second.logits(x, masks={(0, 1): "all"}), rtol=0, atol=0)
+
+
+def test_model_sources_are_a_registry_in_order(tmp_path):
+    """load_model tries each registered source in order; a new source can be added before another."""
+    from vitscope.models import loader
+
+    assert [s.name for s in loader.MODEL_SOURCES] == ["module", "hf", "builtin", "file", "timm"]
+    seen = []
+
+    def load_mine(spec, weights, device):
+        seen.append(spec)
+        return vitscope.load_model("fmnist_vit_tiny", device=device)
+
+    mine = loader.ModelSource("mine", lambda s: isinstance(s, str) and s.startswith("mine:"), load_mine, "'mine:<name>'")
+    loader.register_model_source(mine, before="builtin")
+    try:
+        assert [s.name for s in loader.MODEL_SOURCES][2] == "mine"
+        vit = vitscope.load_model("mine:anything")
+        assert seen == ["mine:anything"] and vit.num_layers == 6
+        with pytest.raises(ValueError, match="already registered"):
+            loader.register_model_source(mine)
+    finally:
+        loader.MODEL_SOURCES.remove(mine)
+    with pytest.raises(vitscope.ModelLoadError, match="unknown model 'no_such_model_xyz'"):
+        vitscope.load_model("no_such_model_xyz")
+

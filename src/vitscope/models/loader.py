@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -148,25 +149,71 @@ def load_model(
     return vit
 
 
-def _load(spec: Union[str, nn.Module], weights: Union[str, Path, None], device: Union[str, torch.device, None]) -> ViT:
-    if isinstance(spec, nn.Module):
-        return wrap_timm(spec, device=device)
-    if not isinstance(spec, str) or not spec:
+Device = Union[str, torch.device, None]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One kind of model spec :func:`load_model` understands: ``matches(spec)`` says whether it is
+    this kind, ``load(spec, weights, device)`` builds the :class:`ViT`. ``describe`` goes into the
+    error message for a spec no source matches."""
+
+    name: str
+    matches: Callable[[Any], bool]
+    load: Callable[[Any, Union[str, Path, None], Device], ViT]
+    describe: str
+
+
+#: The kinds of spec, tried in order; :func:`register_model_source` adds one (e.g. a new library).
+MODEL_SOURCES: list[ModelSource] = []
+
+
+def register_model_source(source: ModelSource, *, before: Optional[str] = None) -> None:
+    """Add ``source`` to :data:`MODEL_SOURCES` (before the source named ``before``, else last but the
+    timm fallback, which matches any other string)."""
+    names = [s.name for s in MODEL_SOURCES]
+    if source.name in names:
+        raise ValueError(f"a model source named {source.name!r} is already registered")
+    at = names.index(before) if before in names else (names.index("timm") if "timm" in names else len(names))
+    MODEL_SOURCES.insert(at, source)
+
+
+def _load(spec: Union[str, nn.Module], weights: Union[str, Path, None], device: Device) -> ViT:
+    if not isinstance(spec, nn.Module) and (not isinstance(spec, str) or not spec):
         raise ModelLoadError(f"model spec must be a non-empty string or an nn.Module, got {spec!r}")
-    if spec.startswith("hf:"):
-        from vitscope.models.hf_backend import load_hf
+    for source in MODEL_SOURCES:
+        if source.matches(spec):
+            return source.load(spec, weights, device)
+    raise ModelLoadError(f"unknown model {spec!r}: it is none of: " + "; ".join(s.describe for s in MODEL_SOURCES))
 
-        return load_hf(spec[3:], weights=weights, device=device)
-    if spec in BUILTIN_MODELS:
-        entry = BUILTIN_MODELS[spec]
-        path = Path(weights) if weights else entry.weights_path
-        model = entry.factory()
-        _load_strict(model, read_state_dict(path), str(path))
-        return wrap_timm(model, name=spec, spec=spec, class_names=list(entry.class_names), weights_sha256=file_sha256(path), device=device)
-    as_path = Path(spec)
-    if as_path.suffix in (".safetensors", ".pth", ".pt") or as_path.exists():
-        return _load_local_file(as_path, device)
 
+def _load_module(model: nn.Module, weights: Union[str, Path, None], device: Device) -> ViT:
+    if type(model).__module__.startswith("transformers."):
+        from vitscope.models.hf_backend import wrap_hf
+
+        return wrap_hf(model, source=type(model).__name__, device=device)
+    return wrap_timm(model, device=device)
+
+
+def _load_hf(spec: str, weights: Union[str, Path, None], device: Device) -> ViT:
+    from vitscope.models.hf_backend import load_hf
+
+    return load_hf(spec[3:], weights=weights, device=device)
+
+
+def _load_builtin(spec: str, weights: Union[str, Path, None], device: Device) -> ViT:
+    entry = BUILTIN_MODELS[spec]
+    path = Path(weights) if weights else entry.weights_path
+    model = entry.factory()
+    _load_strict(model, read_state_dict(path), str(path))
+    return wrap_timm(model, name=spec, spec=spec, class_names=list(entry.class_names), weights_sha256=file_sha256(path), device=device)
+
+
+def _is_local(spec: Any) -> bool:
+    return isinstance(spec, str) and (Path(spec).suffix in (".safetensors", ".pth", ".pt") or Path(spec).exists())
+
+
+def _load_timm(spec: str, weights: Union[str, Path, None], device: Device) -> ViT:
     import timm
 
     if not timm.is_model(spec):
@@ -235,3 +282,13 @@ def _load_local_file(path: Path, device: Union[str, torch.device, None]) -> ViT:
     _load_strict(model, read_state_dict(path), str(path))
     names = json.loads(meta[META_CLASSES]) if META_CLASSES in meta else None
     return wrap_timm(model, name=path.stem, spec=str(path), class_names=names, weights_sha256=file_sha256(path), device=device)
+
+
+for _source in (
+    ModelSource("module", lambda s: isinstance(s, nn.Module), _load_module, "an nn.Module (a timm VisionTransformer or a transformers ViT model)"),
+    ModelSource("hf", lambda s: isinstance(s, str) and s.startswith("hf:"), _load_hf, "'hf:<hub id or local folder>' (a Hugging Face model)"),
+    ModelSource("builtin", lambda s: isinstance(s, str) and s in BUILTIN_MODELS, _load_builtin, f"a built-in model ({', '.join(BUILTIN_MODELS)})"),
+    ModelSource("file", _is_local, lambda s, w, d: _load_local_file(Path(s), d), "a model file (.safetensors from vitscope train) or a Hugging Face folder"),
+    ModelSource("timm", lambda s: isinstance(s, str), _load_timm, "a timm model name"),
+):
+    register_model_source(_source)

@@ -61,13 +61,15 @@ class ViT:
         self.num_heads: int = backend.num_heads
         # One runtime per module: a module wrapped twice (two ViT objects over one model) shares it,
         # so installing the second wrapper does not take the attention away from the first.
-        shared = getattr(backend.module, "_vitscope_shared_runtime", None)
-        if isinstance(shared, AttentionRuntime) and shared.num_layers == self.num_layers:
+        # (Keyed by the module's identity: a deep copy of a wrapped module carries the attribute but
+        # its patched attention still points at the original's runtime, so it is installed afresh.)
+        owner, shared = getattr(backend.module, "_vitscope_shared_runtime", (None, None))
+        if owner == id(backend.module) and isinstance(shared, AttentionRuntime) and shared.num_layers == self.num_layers:
             self.runtime = shared
         else:
             self.runtime = AttentionRuntime(self.num_layers)
             backend.install(self.runtime)
-            backend.module._vitscope_shared_runtime = self.runtime
+            backend.module._vitscope_shared_runtime = (id(backend.module), self.runtime)
 
     # ----------------------------------------------------------------- basics
     @property
