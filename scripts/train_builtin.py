@@ -38,7 +38,7 @@ RECIPE_ARGS = [
     "--arch", "fmnist_vit_tiny", "--dataset", "fashion-mnist", "--seed", "0",
     "--epochs", "12", "--batch-size", "128", "--lr", "2e-3", "--weight-decay", "0.05",
     "--warmup-epochs", "1", "--min-lr-ratio", "0.01", "--label-smoothing", "0.1",
-    "--no-augment", "--grad-clip", "1.0",
+    "--no-augment", "--grad-clip", "1.0", "--init", "mimetic",
 ]  # fmt: skip
 
 
