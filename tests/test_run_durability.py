@@ -88,8 +88,10 @@ def test_killed_at_random_points_then_resumed_equals_the_uninterrupted_run(seed,
     rng = np.random.default_rng(seed)
     out = tmp_path / "run"
     kills = 0
-    for _ in range(4):
-        kill_at = int(rng.integers(1, publications + 1))
+    for attempt in range(5):
+        # the first kill anywhere (late points included: final steps, manifest); later ones early in
+        # what a resumed invocation still has to write, so that most of them land
+        kill_at = int(rng.integers(1, (publications if attempt == 0 else max(2, publications // 4)) + 1))
         when = str(rng.choice(["before", "after"]))
         done = _child(out, kill_at, when)
         if done.returncode == 0:
@@ -99,7 +101,7 @@ def test_killed_at_random_points_then_resumed_equals_the_uninterrupted_run(seed,
         if (out / "manifest.json").is_file():
             with pytest.raises(UnfinishedRunError):
                 open_run(out)
-    assert kills >= 1
+    assert kills >= 3, f"only {kills} of the kills landed"
     resumed = _analyze(out)
     print(f"seed {seed}: {kills} SIGKILLs survived out of {publications} publication points; the resumed run equals the uninterrupted one")
     assert_runs_equal(resumed, reference)
