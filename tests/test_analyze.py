@@ -481,6 +481,29 @@ def test_in_memory_model_with_other_weights_is_refused(tiny, tmp_path):
         analyze(vit, tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")
 
 
+def test_a_run_made_on_another_device_type_is_refused(tiny, tmp_path):
+    """The fingerprint covers the device type (kernels differ in their last bits): a run whose
+    manifest says it was made on cuda is not resumed on cpu."""
+    from vitscope.analysis.run import analyze
+    from vitscope.store.manifest import fingerprint
+
+    out = tmp_path / "run"
+    run = analyze(str(tiny["model"]), tiny["images"], out, settings=_tiny_settings(n_boot=10), progress=False, device="cpu")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["device_type"] == "cpu"
+    # the same run as if made on a GPU: its model part says cuda, and so does its fingerprint
+    m["model"]["device_type"] = "cuda"
+    model_part = {k: m["model"][k] for k in ("spec", "weights_sha256", "state_sha256", "dtype", "device_type")}
+    images_part = [[r["image_id"], r["path"], r["label"], r["size"]] for r in m["images"]["records"]]
+    fp, parts = fingerprint({"model": model_part, "images": images_part, "settings": m["settings"]})
+    assert parts["images"] == m["fingerprint_parts"]["images"] and parts["model"] != m["fingerprint_parts"]["model"]
+    m["fingerprint"], m["fingerprint_parts"] = fp, parts
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RunMismatchError, match=r"model: was .*device cuda\), now .*device cpu\)"):
+        analyze(str(tiny["model"]), tiny["images"], out, settings=_tiny_settings(n_boot=10), progress=False, device="cpu")
+    assert run.manifest["model"]["device_type"] == "cpu"
+
+
 def test_state_sha256_follows_the_weights_not_the_object(tiny):
     import hashlib
 

@@ -430,6 +430,7 @@ def _new_manifest(
         "weights_sha256": vit.weights_sha256,
         "state_sha256": state_sha,
         "dtype": str(vit.dtype).removeprefix("torch."),
+        "device_type": vit.device.type,
         "weights": getattr(vit, "weights_path", None),
         "num_layers": vit.num_layers,
         "num_heads": vit.num_heads,
@@ -460,7 +461,7 @@ def _new_manifest(
             # The loaded weights themselves (not only a file's hash, absent for hub ids and
             # in-memory modules), their dtype and the device type decide every number.
             "model": {"spec": vit.spec, "weights_sha256": vit.weights_sha256, "state_sha256": state_sha,
-                      "dtype": model["dtype"]},
+                      "dtype": model["dtype"], "device_type": model["device_type"]},
             "images": [[r["image_id"], r["path"], r["label"], r["size"]] for r in records],
             "settings": settings_d,
         }

@@ -72,7 +72,7 @@ def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
         om, nm = old.get("model", {}), new.get("model", {})
         def said(m: Mapping[str, Any]) -> str:
             return (f"{m.get('spec')!r} (loaded weights sha256 {str(m.get('state_sha256'))[:12]}, "
-                    f"file sha256 {str(m.get('weights_sha256'))[:12]}, dtype {m.get('dtype')})")
+                    f"file sha256 {str(m.get('weights_sha256'))[:12]}, dtype {m.get('dtype')}, device {m.get('device_type')})")
 
         lines.append(f"model: was {said(om)}, now {said(nm)}")
     if old_parts.get("images") != new_parts.get("images"):
