@@ -437,3 +437,16 @@ def test_model_sources_are_a_registry_in_order(tmp_path):
     with pytest.raises(vitscope.ModelLoadError, match="unknown model 'no_such_model_xyz'"):
         vitscope.load_model("no_such_model_xyz")
 
+
+
+def test_every_backend_implements_the_backend_protocol(random_vit, tmp_path):
+    import transformers
+
+    from vitscope.models.backend import Backend
+
+    assert isinstance(random_vit.backend, Backend)
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=4)
+    hf = vitscope.load_model(transformers.ViTForImageClassification(cfg), device="cpu")
+    assert isinstance(hf.backend, Backend) and hf.library == "transformers"
+    assert random_vit.backend.layout((3, 32, 32)) == random_vit.layout

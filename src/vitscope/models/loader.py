@@ -112,7 +112,7 @@ def wrap_timm(
         backend,
         name=name,
         spec=spec or name,
-        layout=backend.layout(),
+        layout=backend.layout(prep.input_size),
         preprocessing=prep,
         class_names=class_names or _imagenet_class_names(model),
         weights_sha256=weights_sha256,

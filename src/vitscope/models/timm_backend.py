@@ -48,7 +48,7 @@ def _patched_forward(runtime: AttentionRuntime, layer: int, original):
 
 
 class TimmBackend:
-    """Adapts a timm ``VisionTransformer`` to vitscope's uniform interface."""
+    """Adapts a timm ``VisionTransformer`` to vitscope's uniform interface (:class:`~vitscope.models.backend.Backend`)."""
 
     library = "timm"
 
@@ -90,7 +90,8 @@ class TimmBackend:
             attn._vitscope_original_forward = original
             attn.forward = types.MethodType(_patched_forward(runtime, i, original), attn)
 
-    def layout(self) -> TokenLayout:
+    def layout(self, input_size: Optional[tuple[int, int, int]] = None) -> TokenLayout:
+        """The token layout (a timm ViT knows its grid; ``input_size`` is accepted for the protocol)."""
         return timm_layout(self.module)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
