@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from vitscope.analysis.inputs import Targets, as_batch, resolve_targets, split_batch
+from vitscope.analysis.inputs import Targets, as_batch, resolve_targets, split_batch  # noqa: F401 - split_batch is public here too
 from vitscope.analysis.interaction_tables import agreement_summary, interaction_layer_table  # noqa: F401 - public here too
 from vitscope.capture.runtime import LayerPlan
 from vitscope.core.indices import check_layer, select_layers
