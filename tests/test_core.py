@@ -13,3 +13,11 @@ def test_patch_grid_is_row_major_and_matches_patch_positions():
     np.testing.assert_array_equal(lay.patch_grid(), want)
     np.testing.assert_array_equal(lay.patch_positions().numpy(), want)
     assert lay.num_patches == 15 and lay.num_tokens == 16 and lay.patch_slice == slice(1, 16)
+
+
+def test_layout_round_trips_through_the_manifest_form():
+    lay = TokenLayout(4, 0, None, (1, 2, 3), (16, 16), (14, 14))
+    d = lay.to_dict()
+    assert d == {"num_prefix": 4, "cls_index": 0, "dist_index": None, "register_indices": [1, 2, 3],
+                 "grid": [16, 16], "patch_size": [14, 14], "num_tokens": 260}
+    assert TokenLayout.from_dict(d) == lay

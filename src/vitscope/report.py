@@ -421,15 +421,7 @@ def _run_layout(run: "Run") -> Any:
     """The model's token layout, rebuilt from the manifest (the figures need the patch grid)."""
     from vitscope.core.layout import TokenLayout
 
-    lay = run.manifest["model"]["layout"]
-    return TokenLayout(
-        num_prefix=int(lay["num_prefix"]),
-        cls_index=lay.get("cls_index"),
-        dist_index=lay.get("dist_index"),
-        register_indices=tuple(lay.get("register_indices") or ()),
-        grid=(int(lay["grid"][0]), int(lay["grid"][1])),
-        patch_size=(int(lay["patch_size"][0]), int(lay["patch_size"][1])),
-    )
+    return TokenLayout.from_dict(run.manifest["model"]["layout"])
 
 
 def _field_stats(run: "Run") -> dict[str, np.ndarray]:
@@ -518,16 +510,16 @@ def _draw_all(plan: list[tuple[str, str, str, Callable[[], "Figure"]]], folder: 
     import multiprocessing as mp
     import os
 
-    n = min(len(plan), workers if workers is not None else min(4, os.cpu_count() or 1))
-    if n <= 1 or "fork" not in mp.get_all_start_methods():
-        for _stem, _t, _c, make in plan:
-            _save(make(), folder, _stem, formats)
-        return
     from concurrent.futures import ProcessPoolExecutor
 
     global _PLAN
+    n = min(len(plan), workers if workers is not None else min(4, os.cpu_count() or 1))
     _PLAN = plan
     try:
+        if n <= 1 or "fork" not in mp.get_all_start_methods():
+            for i in range(len(plan)):
+                _draw_one(i, folder, formats)
+            return
         with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("fork")) as pool:
             for done in [pool.submit(_draw_one, i, folder, formats) for i in range(len(plan))]:
                 done.result()  # a figure that fails to draw fails the report, with its own error

@@ -435,15 +435,7 @@ def _new_manifest(
         "num_layers": vit.num_layers,
         "num_heads": vit.num_heads,
         "num_classes": vit.num_classes,
-        "layout": {
-            "num_prefix": lay.num_prefix,
-            "cls_index": lay.cls_index,
-            "dist_index": lay.dist_index,
-            "register_indices": list(lay.register_indices),
-            "grid": list(lay.grid),
-            "patch_size": list(lay.patch_size),
-            "num_tokens": lay.num_tokens,
-        },
+        "layout": lay.to_dict(),
         "preprocessing": vit.preprocessing.to_dict(),
         "class_names": vit.class_names,
     }

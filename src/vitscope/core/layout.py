@@ -59,6 +59,30 @@ class TokenLayout:
 
         return torch.from_numpy(self.patch_grid())
 
+    def to_dict(self) -> dict:
+        """The layout as the run manifest stores it (``model.layout``), with the token count."""
+        return {
+            "num_prefix": self.num_prefix,
+            "cls_index": self.cls_index,
+            "dist_index": self.dist_index,
+            "register_indices": list(self.register_indices),
+            "grid": list(self.grid),
+            "patch_size": list(self.patch_size),
+            "num_tokens": self.num_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenLayout":
+        """Inverse of :meth:`to_dict` (``num_tokens`` is derived, so it is ignored)."""
+        return cls(
+            num_prefix=int(d["num_prefix"]),
+            cls_index=d.get("cls_index"),
+            dist_index=d.get("dist_index"),
+            register_indices=tuple(d.get("register_indices") or ()),
+            grid=(int(d["grid"][0]), int(d["grid"][1])),
+            patch_size=(int(d["patch_size"][0]), int(d["patch_size"][1])),
+        )
+
     def describe(self) -> str:
         parts = []
         if self.cls_index is not None:
