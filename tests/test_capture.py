@@ -442,7 +442,7 @@ def test_model_sources_are_a_registry_in_order(tmp_path):
 def test_every_backend_implements_the_backend_protocol(random_vit, tmp_path):
     import transformers
 
-    from vitscope.models.backend import Backend
+    from vitscope.models.backends.base import Backend
 
     assert isinstance(random_vit.backend, Backend)
     torch.manual_seed(0)

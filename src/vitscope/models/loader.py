@@ -14,7 +14,7 @@ from torch import nn
 from vitscope.models.builtin import BUILTIN_MODELS
 from vitscope.models.errors import ModelLoadError, UnsupportedModelError
 from vitscope.models.preprocessing import Preprocessing
-from vitscope.models.timm_backend import TimmBackend
+from vitscope.models.backends.timm import TimmBackend
 from vitscope.models.vit import ViT
 
 #: safetensors metadata keys vitscope writes so a single file can rebuild its model.
@@ -189,14 +189,14 @@ def _load(spec: Union[str, nn.Module], weights: Union[str, Path, None], device: 
 
 def _load_module(model: nn.Module, weights: Union[str, Path, None], device: Device) -> ViT:
     if type(model).__module__.startswith("transformers."):
-        from vitscope.models.hf_backend import wrap_hf
+        from vitscope.models.backends.hf import wrap_hf
 
         return wrap_hf(model, source=type(model).__name__, device=device)
     return wrap_timm(model, device=device)
 
 
 def _load_hf(spec: str, weights: Union[str, Path, None], device: Device) -> ViT:
-    from vitscope.models.hf_backend import load_hf
+    from vitscope.models.backends.hf import load_hf
 
     return load_hf(spec[3:], weights=weights, device=device)
 
@@ -244,7 +244,7 @@ def _load_timm(spec: str, weights: Union[str, Path, None], device: Device) -> Vi
 def _load_local_file(path: Path, device: Union[str, torch.device, None]) -> ViT:
     if path.is_dir():
         if (path / "config.json").exists():
-            from vitscope.models.hf_backend import load_hf
+            from vitscope.models.backends.hf import load_hf
 
             return load_hf(str(path), device=device)
         raise ModelLoadError(f"{path} is a folder without config.json; pass a model file or 'hf:<folder>'")

@@ -13,7 +13,7 @@ from vitscope.capture.masks import MaskSpec, compile_masks
 from vitscope.capture.runtime import AttentionRuntime, LayerPlan
 from vitscope.core.indices import select_layers
 from vitscope.core.layout import TokenLayout
-from vitscope.models.backend import Backend
+from vitscope.models.backends.base import Backend
 from vitscope.models.preprocessing import ImageLike, Preprocessing
 
 Inputs = Union[torch.Tensor, ImageLike, Sequence[ImageLike]]

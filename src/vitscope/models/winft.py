@@ -52,7 +52,7 @@ from torch import nn
 
 from vitscope.core.layout import TokenLayout
 from vitscope.models.builtin import FMNIST_VIT_TINY_ARGS, fmnist_pretrained_cfg
-from vitscope.models.timm_backend import timm_layout
+from vitscope.models.backends.timm import timm_layout
 
 #: Tensor name of the masks in a mask file written by :func:`save_masks`.
 MASKS_KEY = "masks"

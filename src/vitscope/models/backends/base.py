@@ -1,6 +1,6 @@
 """What a model library must provide for :class:`~vitscope.ViT`: the :class:`Backend` protocol.
 
-One implementation per library (``timm_backend.TimmBackend``, ``hf_backend.HFBackend``). A new
+One implementation per library (``backends.timm.TimmBackend``, ``backends.hf.HFBackend``). A new
 family implements these members and routes its attention module's ``q, k, v`` through
 ``AttentionRuntime.attend`` in :meth:`Backend.install`; see docs/architecture.md.
 """

@@ -48,7 +48,7 @@ def _patched_forward(runtime: AttentionRuntime, layer: int, original):
 
 
 class TimmBackend:
-    """Adapts a timm ``VisionTransformer`` to vitscope's uniform interface (:class:`~vitscope.models.backend.Backend`)."""
+    """Adapts a timm ``VisionTransformer`` to vitscope's uniform interface (:class:`~vitscope.models.backends.base.Backend`)."""
 
     library = "timm"
 
