@@ -63,7 +63,7 @@ def plain_forward(vit, images, batch_size: int) -> tuple[float, float]:
 def child(n: int, batch_size: int, out: str) -> dict:
     """Plain forward, the whole analyze on the first ``n`` images, plain forward again."""
     import vitscope
-    from vitscope.analysis.run import AnalyzeSettings, analyze
+    from vitscope.pipeline import AnalyzeSettings, analyze
     from vitscope.data import load_images
 
     vit = vitscope.load_model(MODEL, weights=WEIGHTS, device="cpu")

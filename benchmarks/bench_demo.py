@@ -67,7 +67,7 @@ def one_demo(out: Path) -> dict:
 def reconstruction(out: Path) -> dict:
     import vitscope
     from vitscope.analysis.patterns import AutoencoderResult
-    from vitscope.analysis.run import _load_state
+    from vitscope.pipeline.steps.patterns import load_state as _load_state
 
     run = vitscope.open_run(out)
     res = {}

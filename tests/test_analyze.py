@@ -116,7 +116,7 @@ def tiny(tmp_path_factory):
 
 
 def _tiny_settings(**kw):
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     # PCA instead of UMAP keeps the suite fast: UMAP compiles its numba kernels in every new process.
     # (Fewer than 10 images also give a PCA image overview.)
@@ -127,7 +127,7 @@ def _tiny_settings(**kw):
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny, tmp_path_factory, patterns_module):
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     return analyze(str(tiny["model"]), tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")
@@ -269,7 +269,7 @@ def test_run_tables_follow_the_contract(tiny_run, tiny):
 
 
 def test_unlabelled_and_mixed_runs_say_what_their_metrics_measure(tiny, tmp_path):
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
     from vitscope.data import VitscopeDataWarning
 
     paths = sorted(tiny["images"].glob("img0*.png"))[:4]
@@ -401,7 +401,7 @@ def test_run_patterns_and_overview(tiny_run):
 
 
 def test_rerun_is_a_no_op_and_other_commands_are_refused(tiny_run, tiny, tmp_path):
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
 
     stamp = {p: p.stat().st_mtime_ns for p in tiny_run.path.glob("*.parquet")}
     again = analyze(str(tiny["model"]), tiny["images"], tiny_run.path, settings=_tiny_settings(), progress=False, device="cpu")
@@ -419,9 +419,11 @@ def test_rerun_is_a_no_op_and_other_commands_are_refused(tiny_run, tiny, tmp_pat
 @pytest.mark.parametrize("stage", ["chunk", "curves", "catalogue", "overview"])
 def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_path, monkeypatch):
     """An exception in any stage, then the same call again: equal to the uninterrupted run, no redone chunks."""
-    from vitscope.analysis import importance, run as run_mod
+    from vitscope.analysis import importance
+    from vitscope.pipeline import batch as batch_mod, chunks as chunks_mod
+    import vitscope.pipeline as run_mod
 
-    patterns = run_mod._patterns_module()
+    patterns = batch_mod.patterns_module()
     calls = {"n": 0}
 
     def failing(original, when):
@@ -434,7 +436,7 @@ def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_p
         return wrapper
 
     target = {
-        "chunk": (run_mod, "analyze_batch", 2),
+        "chunk": (chunks_mod, "analyze_batch", 2),
         "curves": (importance, "pruning_curves_by_ranking", 1),
         "catalogue": (patterns, "catalogue_patterns", 2),
         "overview": (patterns, "image_overview", 1),
@@ -447,13 +449,13 @@ def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_p
         open_run(out)
     done_before = RunStore(out).done_chunks()
     batches = {"n": 0}
-    original_batch = run_mod.analyze_batch
+    original_batch = chunks_mod.analyze_batch
 
     def counting(*a, **k):
         batches["n"] += 1
         return original_batch(*a, **k)
 
-    monkeypatch.setattr(run_mod, "analyze_batch", counting)
+    monkeypatch.setattr(chunks_mod, "analyze_batch", counting)
     resumed = run_mod.analyze(str(tiny["model"]), tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")
     assert batches["n"] == 3 - len(done_before)  # finished chunks are not redone
     assert resumed.manifest["resumed"] == 1
@@ -465,7 +467,7 @@ def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_p
 
 def test_in_memory_model_with_other_weights_is_refused(tiny, tmp_path):
     """The fingerprint covers the weights actually loaded, not only a file's hash (absent in memory)."""
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
     from vitscope.models import load_model
     from vitscope.models import wrap_timm
 
@@ -484,7 +486,7 @@ def test_in_memory_model_with_other_weights_is_refused(tiny, tmp_path):
 def test_a_run_made_on_another_device_type_is_refused(tiny, tmp_path):
     """The fingerprint covers the device type (kernels differ in their last bits): a run whose
     manifest says it was made on cuda is not resumed on cpu."""
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
     from vitscope.store.manifest import fingerprint
 
     out = tmp_path / "run"
@@ -595,7 +597,7 @@ def test_cli_resumes_after_sigkill(tmp_path, patterns_module):
 
 @pytest.fixture(scope="module")
 def deit_run(deit_weights, imagenet_images, tmp_path_factory, patterns_module):
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
 
     paths, labels = imagenet_images
     paths, labels = paths[:2], labels[:2]

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _settings(**kw):
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     base = dict(batch_size=16, n_boot=50, n_clusters=3, curve_points=3, latent_dim=4, ae_epochs=2, ae_min_steps=20,
                 projection="pca", curve_images=12, interactions=True)
@@ -37,7 +37,7 @@ def _settings(**kw):
 
 
 def _analyze(out, **kw):
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
 
     return analyze("fmnist_vit_tiny", "sample", out, limit=N_IMAGES, settings=_settings(**kw), progress=False, device="cpu")
 
@@ -57,7 +57,7 @@ def _assert_interactions_equal(a, b, tol: float = 1e-9) -> None:
 
 
 def test_settings_switch():
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     assert AnalyzeSettings().interactions is False  # opt-in: the default run costs what it did
     AnalyzeSettings(interactions=True).validate()

@@ -40,7 +40,7 @@ def test_cli_help_and_argument_errors_are_light(argv):
 
 def test_reading_a_run_and_drawing_its_report_are_light(tmp_path):
     import vitscope
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     settings = AnalyzeSettings(batch_size=4, n_boot=10, ae_epochs=1, ae_min_steps=5, n_clusters=2, projection="pca", curve_images=2, curve_points=2)
     run = vitscope.analyze("fmnist_vit_tiny", "sample", tmp_path / "run", limit=4, settings=settings, device="cpu", progress=False)

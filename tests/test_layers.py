@@ -14,14 +14,16 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "vitscope"
 
 #: package -> vitscope packages it must never import
+_ABOVE_ANALYSIS = {"pipeline", "figures", "report", "figures_interaction", "cli", "server", "experiments"}
 FORBIDDEN = {
-    "core": {"models", "capture", "data", "store", "analysis", "figures", "report", "figures_interaction", "cli", "server", "experiments", "train"},
-    "capture": {"models", "analysis", "figures", "report", "figures_interaction", "cli", "server", "experiments", "train", "store"},
-    "models": {"analysis", "figures", "report", "figures_interaction", "cli", "server", "experiments", "store"},
-    "data": {"models", "capture", "analysis", "figures", "report", "figures_interaction", "cli", "server", "experiments", "train", "store"},
-    "store": {"analysis", "figures", "report", "figures_interaction", "cli", "server", "experiments", "train", "models", "capture"},
-    "analysis": {"figures", "report", "cli", "server", "experiments"},
-    "figures": {"report", "cli", "server", "experiments"},
+    "core": {"models", "capture", "data", "store", "analysis", "train", *_ABOVE_ANALYSIS},
+    "capture": {"models", "analysis", "train", "store", *_ABOVE_ANALYSIS},
+    "models": {"analysis", "store", *_ABOVE_ANALYSIS},
+    "data": {"models", "capture", "analysis", "train", "store", *_ABOVE_ANALYSIS},
+    "store": {"analysis", "train", "models", "capture", *_ABOVE_ANALYSIS},
+    "analysis": _ABOVE_ANALYSIS,
+    "pipeline": {"figures", "report", "figures_interaction", "cli", "server", "experiments"},
+    "figures": {"pipeline", "report", "cli", "server", "experiments"},
     "server": {"cli", "report"},
 }
 

@@ -47,7 +47,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, features
 
 import vitscope
-from vitscope.analysis.run import AnalyzeSettings
+from vitscope.pipeline import AnalyzeSettings
 from vitscope.data import ImageError, VitscopeDataWarning, iter_batches, load_images, open_image
 from vitscope.data.images import IMAGE_EXTENSIONS
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
 
     root = tmp_path_factory.mktemp("report")
     model = _save_tiny_model(root / "tiny.safetensors")

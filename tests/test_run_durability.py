@@ -38,7 +38,7 @@ import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
 from vitscope.store import files
-from vitscope.analysis.run import AnalyzeSettings, analyze
+from vitscope.pipeline import AnalyzeSettings, analyze
 
 out, kill_at, when, settings = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 calls = [0]
@@ -60,7 +60,7 @@ print("publications", calls[0])
 
 
 def _analyze(out: Path):
-    from vitscope.analysis.run import AnalyzeSettings, analyze
+    from vitscope.pipeline import AnalyzeSettings, analyze
 
     return analyze("fmnist_vit_tiny", "sample", out, limit=LIMIT, settings=AnalyzeSettings(**SETTINGS), progress=False, device="cpu")
 
@@ -122,13 +122,13 @@ def test_killed_between_a_chunks_files_and_its_publication(tmp_path, reference):
 
 
 def _stop_before_final_steps(out: Path, monkeypatch) -> None:
-    from vitscope.analysis import run as run_mod
+    from vitscope.pipeline import steps as steps_mod
 
-    def stop(self, prog):
+    def stop(ctx, prog):
         raise KeyboardInterrupt("stopped after the chunks")
 
     with monkeypatch.context() as m:
-        m.setattr(run_mod._Driver, "finish", stop)
+        m.setattr(steps_mod, "finish", stop)
         with pytest.raises(KeyboardInterrupt):
             _analyze(out)
 
@@ -155,16 +155,16 @@ def test_damaged_chunks_are_found_redone_and_reported(tmp_path, reference, monke
     assert "interaction_state.npz does not match its checksum" in store.verify_chunk(2)
     assert store.verify_chunk(3) is None
 
-    from vitscope.analysis import run as run_mod
+    from vitscope.pipeline import chunks as chunks_mod
 
     batches = {"n": 0}
-    original = run_mod.analyze_batch
+    original = chunks_mod.analyze_batch
 
     def counting(*a, **k):
         batches["n"] += 1
         return original(*a, **k)
 
-    monkeypatch.setattr(run_mod, "analyze_batch", counting)
+    monkeypatch.setattr(chunks_mod, "analyze_batch", counting)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed = _analyze(out)

@@ -21,7 +21,7 @@ FAST = ["--limit", "24", "--batch-size", "4", "--boot", "50", "--ae-epochs", "1"
 
 
 def _settings():
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     return AnalyzeSettings(batch_size=4, n_boot=50, ae_epochs=1, ae_min_steps=20, n_clusters=3, projection="pca", curve_images=4)
 
@@ -47,7 +47,7 @@ def _hold_lock_in_child(folder: Path) -> subprocess.Popen:
 
 
 def test_second_analyze_is_refused_and_the_first_finishes_intact(tmp_path):
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
 
     out = tmp_path / "run"
     first = subprocess.Popen([str(Path(sys.executable).with_name("vitscope")), "analyze", "--model", "fmnist_vit_tiny", "--images", "sample", "--out", str(out), *FAST],

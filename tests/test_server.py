@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def server_run(tmp_path_factory):
     """A small real run of the built-in model on 16 sample images (fast settings)."""
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     settings = AnalyzeSettings(batch_size=8, n_boot=20, curve_images=8, curve_points=2, ae_epochs=1, ae_min_steps=5, projection="pca", n_clusters=2)
     out = tmp_path_factory.mktemp("server") / "run"
@@ -549,7 +549,7 @@ def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
 def test_demo_serves_after_the_summary_unless_no_serve(server_run, monkeypatch):
     from typer.testing import CliRunner
 
-    import vitscope.analysis.run as run_module
+    import vitscope.pipeline as run_module
     import vitscope.cli.serve as serve_module
     from vitscope.cli import app as cli
 
@@ -645,7 +645,7 @@ def test_wheel_contains_the_built_app_and_refuses_to_build_without_it(tmp_path):
 
 def test_a_run_made_with_a_weights_file_is_served_live_without_weights(tmp_path):
     """`analyze -w FILE` records the file in the manifest, so `serve RUN` finds the same weights."""
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
     from vitscope.models.builtin import BUILTIN_MODELS
     from vitscope.server.live import load_live_model
 

@@ -351,7 +351,7 @@ def test_report_draws_the_masks_of_an_analysed_winft(tmp_path):
     import torch
 
     import vitscope
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
     from vitscope.models.builtin import fmnist_pretrained_cfg
     from vitscope.report import write_report
     from vitscope.train import ModelSpec, save_weights

@@ -24,12 +24,12 @@ _EXPORTS = {
     "partial_pruning": "vitscope.analysis.importance",
     "open_run": "vitscope.store",
     "show": "vitscope.server.notebook",
-    "analyze": "vitscope.analysis.run",
+    "analyze": "vitscope.pipeline",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from vitscope.analysis.importance import partial_pruning
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
     from vitscope.capture.masks import REGIONS
     from vitscope.models import CaptureError, ModelLoadError, TokenLayout, UnsupportedModelError, ViT, load_model
     from vitscope.server.notebook import show

@@ -70,7 +70,7 @@ def _check_built() -> None:
 @pytest.fixture(scope="session")
 def browser_run(tmp_path_factory) -> Path:
     """A real run of the built-in model on 24 sample images, with patch interactions (fast settings)."""
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     settings = AnalyzeSettings(
         batch_size=12, n_boot=50, curve_images=12, curve_points=3, ae_epochs=2, ae_min_steps=30,

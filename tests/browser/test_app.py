@@ -29,7 +29,7 @@ def _hash_state(pg) -> dict:
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> Path:
     """A run without patch interactions (12 images, fast settings)."""
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
 
     settings = AnalyzeSettings(batch_size=12, n_boot=20, curve_images=6, curve_points=2, ae_epochs=1, ae_min_steps=10, projection="pca", n_clusters=2)
     out = tmp_path_factory.mktemp("plain") / "run"

@@ -221,7 +221,7 @@ def winft_run(tmp_path_factory):
     import timm
     import torch
 
-    from vitscope.analysis.run import AnalyzeSettings
+    from vitscope.pipeline import AnalyzeSettings
     from vitscope.models.builtin import fmnist_pretrained_cfg
     from vitscope.train import ModelSpec, save_weights
 

@@ -57,7 +57,7 @@ def analyze(
     vitscope.open_run(OUT) or draw it with `vitscope report OUT`. Run the same command again
     after an interruption to resume; finished work is not redone.
     """
-    from vitscope.analysis.run import analyze as run_analyze
+    from vitscope.pipeline import analyze as run_analyze
     from vitscope.store import RunError
 
     console = Console(stderr=True)

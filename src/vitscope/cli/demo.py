@@ -31,7 +31,7 @@ def demo(
     http://HOST:PORT/ (as `vitscope serve OUT` does) until Ctrl-C. `--no-serve` stops after the
     summary; `--report` also writes the static figures (later: `vitscope report OUT`).
     """
-    from vitscope.analysis.run import analyze
+    from vitscope.pipeline import analyze
     from vitscope.models import DEFAULT_MODEL, load_model
 
     console = Console()

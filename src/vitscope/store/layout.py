@@ -22,6 +22,20 @@ REPORT = "report"
 
 #: The final tables, each ``<name>.parquet``.
 TABLES = ("images", "heads", "image_heads", "agreement", "curves", "patterns", "pattern_clusters")
+#: The tables of the patch-interaction analyses (``analyze --interactions``), each ``<name>.parquet``.
+INTERACTION_TABLES = (
+    "interaction_layers",
+    "field_image_queries",
+    "field_image_layers",
+    "field_queries",
+    "field_layers",
+    "window_curve",
+    "removal_curve",
+    "removal_summary",
+    "interaction_agreement",
+)
+#: Each chunk's own interaction and field statistics (``.npz``), merged over chunks at the end.
+INTERACTION_STATE = "interaction_state.npz"
 
 STATUS_RUNNING = "running"
 STATUS_COMPLETE = "complete"

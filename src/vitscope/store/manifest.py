@@ -13,7 +13,9 @@ import json
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
+
+from vitscope.store.layout import FORMAT, FORMAT_VERSION, STATUS_COMPLETE, STATUS_RUNNING
 
 #: Packages whose versions are recorded in every manifest (results can depend on them).
 RECORDED_PACKAGES = (
@@ -90,3 +92,69 @@ def describe_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
         diffs = [f"{k}: {os_.get(k)!r} -> {ns.get(k)!r}" for k in sorted(set(os_) | set(ns)) if os_.get(k) != ns.get(k)]
         lines.append("settings: " + ", ".join(diffs))
     return "; ".join(lines) or "the run descriptions differ"
+
+
+def new_run_manifest(
+    *,
+    model: Mapping[str, Any],
+    images: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    model_identity: Mapping[str, Any],
+    chunk_size: int,
+    n_chunks: int,
+    command: Optional[str],
+) -> dict[str, Any]:
+    """The manifest of a run that starts now (status ``running``); docs/run-format.md lists its keys.
+
+    Args:
+        model: what the run records about its model (spec, layout, preprocessing, class names ...).
+        images: the image list (``source``, ``records`` of ``image_id, path, label, size`` ...).
+        settings: the analysis settings, as plain values.
+        model_identity: the parts of ``model`` that decide every number (spec, weight hashes,
+            dtype, device type): the fingerprint covers these, the image records and the settings.
+    """
+    records = images["records"]
+    fp, parts = fingerprint(
+        {
+            "model": dict(model_identity),
+            "images": [[r["image_id"], r["path"], r["label"], r["size"]] for r in records],
+            "settings": dict(settings),
+        }
+    )
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "status": STATUS_RUNNING,
+        "created": now_iso(),
+        "completed": None,
+        "command": command,
+        "fingerprint": fp,
+        "fingerprint_parts": parts,
+        "model": dict(model),
+        "images": dict(images),
+        "settings": dict(settings),
+        "chunks": {"size": chunk_size, "count": n_chunks},
+        "versions": package_versions(),
+        # Every command that worked on the run (the first one and each resume), with its versions.
+        "invocations": [{"started": now_iso(), "command": command, "versions": package_versions()}],
+        "failures": [],
+        "counts": {"listed": len(records), "analysed": None, "failed": None},
+    }
+
+
+def resumed_manifest(old: Mapping[str, Any], new: Mapping[str, Any], command: Optional[str]) -> dict[str, Any]:
+    """The manifest of an unfinished run taken up again by ``new``'s command: the old one, with the
+    resume counted and the new invocation appended."""
+    invocations = list(old.get("invocations", [])) + list(new["invocations"])
+    return {**old, "resumed": int(old.get("resumed", 0)) + 1, "command": command or old.get("command"), "invocations": invocations}
+
+
+def completed_manifest(manifest: Mapping[str, Any], *, failures: list, listed: int, analysed: int, **extra: Any) -> dict[str, Any]:
+    """``manifest`` marked complete now, with the final counts, failures and any ``extra`` keys."""
+    out = dict(manifest)
+    out["failures"] = failures
+    out["counts"] = {"listed": listed, "analysed": analysed, "failed": len(failures)}
+    out.update(extra)
+    out["status"] = STATUS_COMPLETE
+    out["completed"] = now_iso()
+    return out

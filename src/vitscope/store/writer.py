@@ -1,6 +1,6 @@
 """`RunStore`: reading and writing the pieces of one run folder, each piece crash-safe.
 
-The analysis driver (:mod:`vitscope.analysis.run`) decides *what* to compute; this class decides
+The analysis pipeline (:mod:`vitscope.pipeline`) decides *what* to compute; this class decides
 *where* it goes and makes every write atomic, so that "the piece exists" always means "the step
 that writes it finished". That is what lets a killed run resume without redoing finished work.
 """
@@ -22,7 +22,7 @@ from zarr.storage import LocalStore
 from vitscope.store import files
 from vitscope.store.errors import NotARunError
 from vitscope.store.lock import LOCK_NAME
-from vitscope.store.layout import ARRAYS, CHUNK_FILES_KEY, CHUNK_META, CHUNKS, FORMAT, MANIFEST, REPORT, TABLES, WORK
+from vitscope.store.layout import ARRAYS, CHUNK_FILES_KEY, CHUNK_META, CHUNKS, FORMAT, MANIFEST, INTERACTION_TABLES, REPORT, TABLES, WORK
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
@@ -299,7 +299,7 @@ class RunStore:
 
     def clear(self) -> None:
         """Delete everything a run writes (and only that) so the folder can hold a new run."""
-        for name in TABLES:
+        for name in (*TABLES, *INTERACTION_TABLES):
             self.table_path(name).unlink(missing_ok=True)
         for sub in (ARRAYS, CHUNKS, WORK, REPORT):
             shutil.rmtree(self.path / sub, ignore_errors=True)

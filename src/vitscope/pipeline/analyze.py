@@ -1,0 +1,146 @@
+"""`analyze`: every analysis of the first paper (and, on request, the second's) over an image set,
+written to a resumable run folder.
+
+Data flows one way: images -> model + probes -> per-chunk analyses (:mod:`.chunks`, :mod:`.batch`)
+-> final steps (:mod:`.steps`) -> run store. The run folder format is documented in
+docs/run-format.md; read it back with :func:`vitscope.open_run`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+from vitscope.analysis.settings import AnalyzeSettings
+from vitscope.core.progress import Progress, progress_for
+from vitscope.pipeline import chunks, steps
+from vitscope.pipeline.context import RunContext
+from vitscope.pipeline.manifest import check_labels, run_manifest
+from vitscope.store.errors import NotARunError, RunMismatchError
+from vitscope.store.layout import STATUS_COMPLETE
+from vitscope.store.lock import RunLock
+from vitscope.store.manifest import describe_mismatch, resumed_manifest
+from vitscope.store.reader import Run, open_run
+from vitscope.store.writer import RunStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from vitscope.models.vit import ViT
+
+
+def analyze(
+    model: Union[str, "ViT"],
+    images: Union[str, Path, Sequence[Union[str, Path]], None],
+    out: Union[str, Path],
+    *,
+    weights: Union[str, Path, None] = None,
+    labels: Any = None,
+    limit: Optional[int] = None,
+    settings: Optional[AnalyzeSettings] = None,
+    overwrite: bool = False,
+    device: Union[str, "torch.device", None] = None,
+    num_workers: int = 0,
+    progress: Union[bool, Progress] = True,
+    console: Any = None,
+    command: Optional[str] = None,
+) -> Run:
+    """Analyse ``images`` with ``model`` and write (or resume) the run folder ``out``.
+
+    Args:
+        model: a model spec for :func:`vitscope.load_model` or a loaded :class:`~vitscope.ViT`.
+        images: a folder, a list of files, or ``"sample"``/``None`` (the embedded sample; with a
+            labels CSV and no images, the images that CSV lists).
+        labels: a CSV with ``path`` and ``label``/``class_index`` columns, or one label per
+            image (a list); a folder's own ``labels.csv`` or class sub-folders are used when omitted.
+        limit: analyse only the first ``limit`` images of the sorted list.
+        overwrite: discard whatever run ``out`` holds and start afresh.
+        num_workers: image-decoding worker processes.
+        progress: ``True`` shows rich progress bars (on ``console``, default stderr), ``False``
+            nothing; or any :class:`vitscope.core.progress.Progress` to report to.
+        command: the command line, recorded in the manifest and quoted in resume hints.
+
+    Rerunning the same call on an unfinished folder resumes it; a folder made by a different
+    model, image list or settings raises :class:`~vitscope.store.RunMismatchError` unless
+    ``overwrite``. Unreadable images are skipped and listed in the manifest. Returns the finished
+    :class:`~vitscope.store.Run`.
+    """
+    settings = settings or AnalyzeSettings()
+    settings.validate()
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
+    store = RunStore(out)
+    if store.path.exists() and not store.path.is_dir():
+        raise NotARunError(f"--out {store.path} is a file; give a folder for the run")
+    if not store.is_empty() and not store.has_manifest():
+        raise NotARunError(
+            f"--out {store.path} is not empty and is not a vitscope run folder; choose a new or empty folder "
+            "(vitscope will not write into, or delete, other files)"
+        )
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+
+    # One writer per run folder: a second command on the same folder is refused (RunLockedError)
+    # instead of deleting the first one's temporary chunks or publishing half of a chunk.
+    with RunLock(store.path, command=command or "vitscope.analyze"):
+        return _analyze_locked(model, images, store, weights=weights, labels=labels, limit=limit, settings=settings,
+                               overwrite=overwrite, device=device, num_workers=num_workers, progress=progress,
+                               console=console, command=command)
+
+
+def _analyze_locked(
+    model: Union[str, "ViT"],
+    images: Union[str, Path, Sequence[Union[str, Path]], None],
+    store: RunStore,
+    *,
+    weights: Union[str, Path, None],
+    labels: Any,
+    limit: Optional[int],
+    settings: AnalyzeSettings,
+    overwrite: bool,
+    device: Union[str, "torch.device", None],
+    num_workers: int,
+    progress: Union[bool, Progress],
+    console: Any,
+    command: Optional[str],
+) -> Run:
+    from vitscope.data import load_images
+    from vitscope.models import ViT, load_model
+
+    vit = model if isinstance(model, ViT) else load_model(model, weights=weights, device=device)
+    vit._require_head()
+    image_set = load_images(images, labels=labels, limit=limit, class_names=vit.class_names)
+    source = images if images is not None else ("sample" if labels is None else labels)
+    if not image_set.records:
+        raise ValueError(f"no images to analyse in {source}")
+    check_labels(image_set, vit)
+    manifest = run_manifest(vit, image_set, settings, source=source, labels=labels, limit=limit, command=command)
+
+    if store.has_manifest():
+        old = store.read_manifest()
+        if overwrite:
+            store.clear()
+        elif old.get("fingerprint") != manifest["fingerprint"]:
+            raise RunMismatchError(
+                f"{store.path} holds a run made by a different command ({describe_mismatch(old, manifest)}). "
+                "Rerun the original command to resume it, choose another --out folder, or pass --overwrite to replace it."
+            )
+        elif old.get("status") == STATUS_COMPLETE:
+            console.print(f"run {store.path} is already complete; nothing to do (pass --overwrite to redo it)")
+            return open_run(store.path)
+        else:
+            manifest = resumed_manifest(old, manifest, command)
+    store.path.mkdir(parents=True, exist_ok=True)
+    store.remove_leftovers()
+    store.write_manifest(manifest)
+
+    ctx = RunContext(vit, image_set, store, settings, manifest, num_workers=num_workers)
+    with progress_for(progress, console) as prog:
+        chunks.run_chunks(ctx, prog)
+        steps.finish(ctx, prog)
+    run = open_run(store.path)
+    if run.manifest.get("failures"):
+        console.print(f"skipped {len(run.manifest['failures'])} unreadable image(s); they are listed in {store.manifest_path}")
+    return run

@@ -1,0 +1,147 @@
+"""The per-chunk step of ``analyze``: every per-image analysis of one batch of images.
+
+One forward with :meth:`ViT.stream` hands every layer's attention to the strength measures and
+the pattern-input pooling (only one layer's attention is alive at a time); :func:`head_sweep`
+prunes every head; :func:`taylor_importance` adds the mask-gradient importance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vitscope.analysis import importance as imp
+from vitscope.analysis import strength as stg
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vitscope.models.vit import ViT
+
+
+@dataclass
+class BatchResult:
+    """What one chunk of images contributes to a run."""
+
+    images: pd.DataFrame
+    image_heads: pd.DataFrame
+    arrays: dict[str, np.ndarray]
+
+
+def patterns_module() -> Any:
+    from vitscope.analysis import patterns
+
+    return patterns
+
+
+def analyze_batch(
+    vit: "ViT",
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    image_ids: Sequence[int],
+    *,
+    pattern_size: int = 16,
+    timings: Optional[dict[str, float]] = None,
+) -> BatchResult:
+    """Every per-image analysis of one batch.
+
+    Args:
+        x: preprocessed ``(B, C, H, W)`` images; ``labels``: class per image, ``-1`` = unknown (the
+            model's own prediction then plays the label's part).
+        image_ids: the images' ids, in batch order.
+
+    Returns rows of ``images`` (``image_id, prediction, probability, target, base_prob,
+    base_loss, correct``), rows of ``image_heads`` (one per image, layer, head) and arrays:
+    ``pattern_inputs/<kind> (B, L, H, C, S, S)`` for every map kind of
+    :func:`~vitscope.analysis.patterns.pattern_inputs` (``offset``, ``patch`` and, with a CLS
+    token, ``cls``) and ``attention_sum (L, H, T, T)`` (float64 sum of the maps over the batch).
+    """
+    patterns = patterns_module()
+    L, H, T = vit.num_layers, vit.num_heads, vit.num_tokens
+    B = int(x.shape[0])
+    layout = vit.layout
+    per_layer: list[Optional[dict[str, np.ndarray]]] = [None] * L
+    pat: dict[str, list[Optional[np.ndarray]]] = {}
+    attn_sum = torch.zeros(L, H, T, T, dtype=torch.float64)
+
+    def on_attention(layer: int, attn: torch.Tensor) -> None:
+        # Everything that needs the full maps is computed here, so no layer's maps outlive its block.
+        per_layer[layer] = stg.attention_strength(attn, layout)
+        for kind, maps in patterns.pattern_inputs(attn, layout, size=pattern_size).items():
+            pat.setdefault(kind, [None] * L)[layer] = to_numpy(maps)
+        attn_sum[layer] = attn.detach().to(torch.float64).sum(dim=0).cpu()
+
+    clock = Clock(timings)
+    with clock("stream"), torch.no_grad():
+        vit.stream(x, on_attention=on_attention)
+    with clock("head_sweep"):
+        sweep = imp.head_sweep(vit, x, labels)
+    with clock("taylor"):
+        taylor = imp.taylor_importance(vit, x, torch.as_tensor(sweep["target"]))
+
+    ids = np.asarray(list(image_ids), dtype=np.int64)
+    logits = torch.as_tensor(sweep["base_logits"]).double()
+    prediction = np.asarray(sweep["prediction"], dtype=np.int64)
+    probability = logits.softmax(-1).numpy()[np.arange(B), prediction]
+    images = pd.DataFrame(
+        {
+            "image_id": ids,
+            "prediction": prediction,
+            "probability": probability,
+            "target": np.asarray(sweep["target"], dtype=np.int64),
+            "base_prob": np.asarray(sweep["base_prob"], dtype=np.float64),
+            "base_loss": np.asarray(sweep["base_loss"], dtype=np.float64),
+            "correct": prediction == np.asarray(sweep["target"]),
+        }
+    )
+
+    def flat(a: np.ndarray) -> np.ndarray:  # (B, L, H) -> (B*L*H,) in (image, layer, head) order
+        return np.asarray(a).reshape(B * L * H)
+
+    strength = {k: np.stack([per_layer[l][k] for l in range(L)], axis=1) for k in per_layer[0]}  # type: ignore[index]
+    ih = pd.DataFrame(
+        {
+            "image_id": np.repeat(ids, L * H),
+            "layer": np.tile(np.repeat(np.arange(L, dtype=np.int64), H), B),
+            "head": np.tile(np.arange(H, dtype=np.int64), B * L),
+            "pruned_prob": flat(sweep["pruned_prob"]),
+            "pruned_loss": flat(sweep["pruned_loss"]),
+            "pruned_correct": flat(sweep["pruned_correct"]).astype(bool),
+            "layer_change": flat(sweep["layer_change"]),
+            "layer_rel_l2": flat(sweep["layer_rel_l2"]),
+            "taylor": flat(taylor).astype(np.float64),
+        }
+    )
+    for name in stg.SCALAR_MEASURES:
+        ih[name] = flat(strength[name])
+    G = strength["hop_profile"].shape[-1]
+    ih["hop_profile"] = list(strength["hop_profile"].reshape(B * L * H, G))
+    arrays = {f"pattern_inputs/{k}": np.stack(v, axis=1) for k, v in pat.items()}  # type: ignore[arg-type]
+    arrays["attention_sum"] = attn_sum.numpy()
+    return BatchResult(images=images, image_heads=ih, arrays=arrays)
+
+
+class Clock:
+    """Adds the wall time of ``with clock(name):`` blocks to ``timings[name]`` (no-op without a dict)."""
+
+    def __init__(self, timings: Optional[dict[str, float]]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.timings is not None:
+                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)

@@ -1,0 +1,133 @@
+"""The chunked stage of ``analyze``: each chunk of images analysed and published as one folder.
+
+The image list is cut into fixed chunks of ``batch_size`` images (chunk ``i`` is always the same
+images). Each chunk holds its own partial sums (attention, interaction statistics), merged in chunk
+order by the final steps: no chunk depends on another, so any one can be redone alone, and a killed
+run resumes at the chunks that are not there.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from vitscope.core.progress import Progress
+from vitscope.pipeline.batch import BatchResult, analyze_batch
+from vitscope.pipeline.context import RunContext
+from vitscope.store.errors import DamagedChunkWarning, NotARunError
+from vitscope.store.layout import INTERACTION_STATE
+from vitscope.store.manifest import now_iso
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vitscope.data import Batch, ImageRecord
+
+
+def verified_done_chunks(ctx: RunContext, prog: Progress) -> set[int]:
+    """The finished chunks a resume can trust; damaged ones are removed, reported and listed in the
+    manifest's ``redone_chunks``."""
+    store = ctx.store
+    done = set(store.done_chunks())
+    bad = [i for i in done if i >= ctx.n_chunks]
+    if bad:
+        raise NotARunError(
+            f"{store.path}/chunks holds chunks {sorted(bad)} beyond this run's {ctx.n_chunks} chunks; "
+            "the folder is damaged: rerun with --overwrite"
+        )
+    # A chunk is trusted only when every file it lists is there, whole (size and SHA-256): a
+    # power loss or a hand can damage a finished chunk, and zarr would read a lost file as zeros.
+    redone = []
+    for i in sorted(done):
+        why = store.verify_chunk(i)
+        if why is not None:
+            message = f"chunk {i} ({len(ctx.chunk_records(i))} images) of {store.path} is damaged: {why}; analysing it again"
+            prog.log(message)
+            warnings.warn(message, DamagedChunkWarning, stacklevel=3)
+            store.remove_chunk(i)
+            done.discard(i)
+            redone.append({"chunk": i, "reason": why, "when": now_iso()})
+    if redone:
+        ctx.manifest["redone_chunks"] = [*ctx.manifest.get("redone_chunks", []), *redone]
+        store.write_manifest(ctx.manifest)
+    return done
+
+
+def run_chunks(ctx: RunContext, prog: Progress) -> None:
+    """Analyse and publish every chunk that is not already done."""
+    done = verified_done_chunks(ctx, prog)
+    n_done_images = sum(len(ctx.chunk_records(i)) for i in done)
+    task = prog.add_task("analysing images", total=len(ctx.records), completed=n_done_images)
+    if done:
+        prog.log(f"resuming: {len(done)} of {ctx.n_chunks} chunks already done")
+    for i in range(ctx.n_chunks):
+        if i in done:
+            continue
+        records = ctx.chunk_records(i)
+        failures: list[dict[str, Any]] = []
+
+        def on_failure(rec: "ImageRecord", reason: str) -> None:
+            failures.append({"image_id": rec.image_id, "path": str(rec.path), "reason": reason, "stage": "decode"})
+            prog.log(f"skipped {rec.path}: {reason}")
+
+        with ctx.clock("decode"):
+            batches = ctx.decode(records, on_failure)
+        results = [
+            analyze_batch(ctx.vit, b.x, b.labels, b.image_ids, pattern_size=ctx.settings.pattern_size, timings=ctx.timings)
+            for b in batches
+        ]
+        blobs = {}
+        if ctx.settings.interactions:
+            with ctx.clock("interactions"):
+                blobs[INTERACTION_STATE] = interaction_chunk(ctx, batches, results)
+        with ctx.clock("write_chunks"):
+            write_chunk(ctx, i, records, batches, results, failures, blobs)
+        prog.advance(task, len(records))
+
+
+def write_chunk(ctx: RunContext, index: int, records: Sequence["ImageRecord"], batches: Sequence["Batch"],
+                results: Sequence[BatchResult], failures: list[dict[str, Any]], blobs: Mapping[str, bytes]) -> None:
+    """One chunk's rows, arrays, failures and blobs, published atomically as ``chunks/<index>``."""
+    if results:
+        images = pd.concat([r.images for r in results], ignore_index=True)
+        image_heads = pd.concat([r.image_heads for r in results], ignore_index=True)
+        arrays = {k: np.concatenate([r.arrays[k] for r in results]) for k in results[0].arrays if k != "attention_sum"}
+        arrays["attention_sum"] = np.sum([r.arrays["attention_sum"] for r in results], axis=0)
+    else:
+        images, image_heads, arrays = None, None, {}
+    tables = {}
+    if images is not None:
+        by_id = {r.image_id: r for r in records}
+        images.insert(1, "path", [str(by_id[i].path) for i in images["image_id"]])
+        images.insert(2, "label", pd.array([by_id[i].label for i in images["image_id"]], dtype="Int64"))
+        tables = {"images": images, "image_heads": image_heads}
+    meta = {
+        "chunk": index,
+        "image_ids": [int(r.image_id) for r in records],
+        "analysed": [int(i) for b in batches for i in b.image_ids],
+        "failures": failures,
+    }
+    ctx.store.write_chunk(index, tables=tables, arrays=arrays, meta=meta, blobs=blobs)
+
+
+def interaction_chunk(ctx: RunContext, batches: Sequence["Batch"], results: Sequence[BatchResult]) -> bytes:
+    """First-order impacts of one chunk: per-image key importance goes into the chunk's arrays;
+    the chunk's own interaction and field statistics are returned as ``.npz`` bytes (stored in the
+    chunk, merged over chunks by the final steps)."""
+    from vitscope.analysis.fields import FieldAccumulator
+    from vitscope.analysis.interaction import InteractionAccumulator, first_order_impact, key_importance
+
+    vit = ctx.vit
+    inter, field = InteractionAccumulator.for_model(vit), FieldAccumulator(vit.num_layers, vit.layout)
+    for b, res in zip(batches, results):
+        r = first_order_impact(vit, b.x, np.array(res.images["target"], dtype=np.int64))
+        inter.update(r)
+        field.update(r["impact"])
+        res.arrays["interaction_key_importance"] = key_importance(r["impact"], r["prefix_impact"]).astype(np.float32)
+    state = {f"interaction.{k}": np.asarray(v) for k, v in inter.state().items()}
+    state.update({f"field.{k}": np.asarray(v) for k, v in field.state().items()})
+    buf = io.BytesIO()
+    np.savez(buf, **state)
+    return buf.getvalue()

@@ -1,0 +1,66 @@
+"""Final step 1: the chunks' parts gathered into ``image_heads``, the images rows and the run's arrays."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from vitscope.pipeline.context import RunContext
+from vitscope.store import files
+
+
+def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    """Chunk parts -> ``image_heads.parquet``, the images table (without overview) and the arrays
+    (``pattern_inputs/*`` concatenated, ``attention_mean`` from the chunks' sums in chunk order)."""
+    st, vit = ctx.store, ctx.vit
+    # Chunks stay until the run is complete, so their failure lists are always there to read.
+    failures = [f for i in range(ctx.n_chunks) for f in st.read_chunk_meta(i)["failures"]]
+    base_path = st.work_path("images_base.parquet")
+    if base_path.is_file():  # written last by this step
+        return files.read_parquet(base_path), st.read_table("image_heads"), failures
+    with_rows = [i for i in range(ctx.n_chunks) if (st.chunk_dir(i) / "images.parquet").is_file()]
+    if not with_rows:
+        reasons = "; ".join(f"{f['path']}: {f['reason']}" for f in failures[:5])
+        raise ValueError(f"none of the {len(ctx.records)} images could be read ({reasons}{' ...' if len(failures) > 5 else ''})")
+    images = pd.concat([st.read_chunk_table(i, "images") for i in with_rows], ignore_index=True)
+    images.insert(3, "label_name", [_name(ctx.image_set.class_names, v) for v in images["label"]])
+    images.insert(5, "prediction_name", [_name(vit.class_names, v) for v in images["prediction"]])
+    image_heads = pd.concat([st.read_chunk_table(i, "image_heads") for i in with_rows], ignore_index=True)
+    n = len(images)
+    H = vit.num_heads
+    kinds = [k for k in ("offset", "patch", "cls") if st.has_chunk_array(with_rows[0], f"pattern_inputs/{k}")]
+    for kind in kinds:
+        name = f"pattern_inputs/{kind}"
+        if st.has_array(name):
+            continue
+        first = st.read_chunk_array(with_rows[0], name)
+        attrs = {"dims": ["image", "layer", "head", "channel", "y", "x"], "image_order": "images.parquet rows"}
+        chunk_shape = (min(n, ctx.settings.batch_size), 1, *first.shape[2:])
+        with st.new_array(name, (n, *first.shape[1:]), first.dtype, chunks=chunk_shape, attrs=attrs) as arr:
+            pos = 0
+            for i in with_rows:  # one chunk in memory at a time
+                part = st.read_chunk_array(i, name)
+                arr[pos : pos + len(part)] = part
+                pos += len(part)
+    if not st.has_array("attention_mean"):
+        total = np.zeros((vit.num_layers, H, vit.num_tokens, vit.num_tokens))
+        for i in with_rows:  # in chunk order, one chunk in memory at a time
+            total = total + st.read_chunk_array(i, "attention_sum")
+        st.write_array(
+            "attention_mean",
+            (total / n).astype(np.float32),
+            chunks=(1, H, *total.shape[2:]),
+            attrs={"dims": ["layer", "head", "query", "key"], "images": n, "what": "mean post-softmax attention over the analysed images"},
+        )
+    st.write_table("image_heads", image_heads)
+    files.write_parquet(base_path, images)  # written last: it marks the gather step as done
+    return images, image_heads, failures
+
+
+def _name(names: Optional[Sequence[str]], v: Any) -> Optional[str]:
+    if names is None or v is None or pd.isna(v):
+        return None
+    v = int(v)
+    return names[v] if 0 <= v < len(names) else None
