@@ -540,7 +540,7 @@ def test_cli_resumes_after_sigkill(tmp_path, patterns_module):
     """
     import shutil
 
-    from vitscope.data.images import _sample_dir
+    from vitscope.data.sources import _sample_dir
     from vitscope.models import BUILTIN_MODELS
 
     if not BUILTIN_MODELS["fmnist_vit_tiny"].weights_path.is_file():

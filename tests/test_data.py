@@ -601,7 +601,7 @@ def test_embedded_sample():
 
 def test_embedded_sample_reader(tmp_path, monkeypatch):
     """The sample reader on a stand-in folder with the shipped layout (path,label,label_name)."""
-    import vitscope.data.images as images_mod
+    import vitscope.data.sources as images_mod
 
     monkeypatch.setattr(images_mod, "_sample_dir", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="embedded sample is missing"):

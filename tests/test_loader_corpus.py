@@ -1,4 +1,4 @@
-"""A hardening corpus for the image loader (vitscope.data.images), generated in tmp_path.
+"""A hardening corpus for the image loader (vitscope.data.decode and vitscope.data.sources), generated in tmp_path.
 
 Every item of the corpus must come out of the loader either decoded (with the right pixels) or
 refused with an :class:`ImageError` whose reason says specifically what is wrong with that file,
@@ -49,7 +49,7 @@ from PIL import Image, ImageFile, features
 import vitscope
 from vitscope.pipeline import AnalyzeSettings
 from vitscope.data import ImageError, VitscopeDataWarning, iter_batches, load_images, open_image
-from vitscope.data.images import IMAGE_EXTENSIONS
+from vitscope.data.sources import IMAGE_EXTENSIONS
 
 H, W = 12, 10  # source images: 10 wide, 12 tall (not square, so a transposition shows)
 MODES = ("1", "L", "P", "PT", "LA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr")  # PT: P with transparency

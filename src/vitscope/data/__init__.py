@@ -1,4 +1,5 @@
-"""Loading images: listing and labelling files, robust decoding, and batching for a model.
+"""Loading images: listing and labelling files (``sources``), robust decoding (``decode``), and
+batching for a model (``batching``); the values they hand around are in ``records``.
 
 ``load_images`` gives an :class:`ImageSet` (stable ``image_id`` per image, labels, class names),
 ``open_image`` decodes one file safely, and ``iter_batches`` turns a set into preprocessed
@@ -11,19 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from vitscope.data.images import (
-    IMAGE_EXTENSIONS,
-    Batch,
-    DataError,
-    ImageError,
-    ImageRecord,
-    ImageSet,
-    VitscopeDataWarning,
-    embedded_sample,
-    iter_batches,
-    load_images,
-    open_image,
-)
+from vitscope.data.batching import iter_batches
+from vitscope.data.decode import open_image
+from vitscope.data.records import Batch, DataError, ImageError, ImageRecord, ImageSet, VitscopeDataWarning
+from vitscope.data.sources import IMAGE_EXTENSIONS, embedded_sample, load_images
 
 _LAZY = {"load_fashion_mnist": "vitscope.data.fashion_mnist"}
 

@@ -273,7 +273,7 @@ def resolve_image_path(recorded: str, manifest: dict[str, Any], run_path: Path) 
     if source and source != "sample" and not p.is_absolute():
         candidates.append(Path(source) / p)
     if source == "sample" or "assets/sample" in recorded.replace("\\", "/"):
-        from vitscope.data.images import _sample_dir
+        from vitscope.data.sources import _sample_dir
 
         candidates.append(_sample_dir() / p.name)
     for c in candidates:
