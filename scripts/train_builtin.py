@@ -79,7 +79,7 @@ def check_sample(out: Path, picked: list[int], images, labels) -> dict[str, floa
 
     import vitscope
     from vitscope.models.builtin import create_fmnist_vit_tiny
-    from vitscope.train import TensorImageDataset, evaluate
+    from vitscope.training import TensorImageDataset, evaluate
 
     trained = create_fmnist_vit_tiny()  # the run's own output, evaluated the way training evaluates
     trained.load_state_dict(load_file(str(out / "fmnist_vit_tiny.safetensors")))

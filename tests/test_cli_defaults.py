@@ -17,7 +17,7 @@ def _option_defaults(command) -> dict[str, object]:
     "command_module, settings_path, renames",
     [
         ("vitscope.cli.analyze", "vitscope.analysis.settings:AnalyzeSettings", {}),
-        ("vitscope.cli.train", "vitscope.train:Recipe", {"holdout": "holdout_fraction"}),
+        ("vitscope.cli.train", "vitscope.training:Recipe", {"holdout": "holdout_fraction"}),
     ],
 )
 def test_cli_defaults_are_the_settings_defaults(command_module, settings_path, renames):

@@ -16,12 +16,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vitscope"
 #: package -> vitscope packages it must never import
 _ABOVE_ANALYSIS = {"pipeline", "figures", "report", "figures_interaction", "cli", "server", "experiments"}
 FORBIDDEN = {
-    "core": {"models", "capture", "data", "store", "analysis", "train", *_ABOVE_ANALYSIS},
-    "capture": {"models", "analysis", "train", "store", *_ABOVE_ANALYSIS},
+    "core": {"models", "capture", "data", "store", "analysis", "training", *_ABOVE_ANALYSIS},
+    "capture": {"models", "analysis", "training", "store", *_ABOVE_ANALYSIS},
     "models": {"analysis", "store", *_ABOVE_ANALYSIS},
-    "data": {"models", "capture", "analysis", "train", "store", *_ABOVE_ANALYSIS},
-    "store": {"analysis", "train", "models", "capture", *_ABOVE_ANALYSIS},
+    "data": {"models", "capture", "analysis", "training", "store", *_ABOVE_ANALYSIS},
+    "store": {"analysis", "training", "models", "capture", *_ABOVE_ANALYSIS},
     "analysis": _ABOVE_ANALYSIS,
+    "training": {"analysis", "store", *_ABOVE_ANALYSIS},
     "pipeline": {"figures", "report", "figures_interaction", "cli", "server", "experiments"},
     "figures": {"pipeline", "report", "cli", "server", "experiments"},
     "server": {"cli", "report"},

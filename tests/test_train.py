@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitscope.data import fashion_mnist as fm
-from vitscope.train import (
+from vitscope.training import (
     DatasetSplits,
     EpochAugmentation,
     ModelSpec,
@@ -301,7 +301,7 @@ def test_weights_file_rebuilds_model_with_load_model(straight_run, tmp_path):
     splits = tiny_splits()
     cfg = straight_run.metrics["data_config"]
     x = torch.stack([splits.test[i][0] for i in range(16)])
-    from vitscope.train import normalize
+    from vitscope.training import normalize
 
     xn = normalize(x, cfg["mean"], cfg["std"])
     torch.testing.assert_close(vit.logits(xn), straight_run.model(xn), rtol=1e-5, atol=1e-5)
@@ -396,7 +396,7 @@ def test_cli_fashion_mnist_from_idx_folder_resumes(tmp_path):
 
 
 def test_folder_holdout_split(tmp_path):
-    from vitscope.train import folder_splits
+    from vitscope.training import folder_splits
 
     write_folder(tmp_path, 10, seed=0)
     cfg = {"input_size": [3, 16, 16], "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
@@ -411,7 +411,7 @@ def test_folder_holdout_split(tmp_path):
 
 DDP_SCRIPT = """
 import sys
-from vitscope.train import Recipe, train
+from vitscope.training import Recipe, train
 recipe = Recipe(epochs=2, batch_size=16, lr=3e-3, holdout_fraction=0.25)
 args = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
 train("vit_tiny_patch16_224", sys.argv[1], sys.argv[2], recipe, model_args=args, progress=False)
@@ -491,7 +491,7 @@ def test_packaged_model_and_sample_agree_with_training_evaluation():
     cfg = data_config_for(net)
     ref = evaluate(net, TensorImageDataset(x, y, cfg), cfg, indices=index)
     with torch.no_grad():
-        from vitscope.train import normalize
+        from vitscope.training import normalize
 
         pred_ref = net.eval()(normalize(x[index][:, None], cfg["mean"], cfg["std"])).argmax(-1)
     assert torch.equal(pred_png, pred_ref)

@@ -354,7 +354,7 @@ def test_report_draws_the_masks_of_an_analysed_winft(tmp_path):
     from vitscope.pipeline import AnalyzeSettings
     from vitscope.models.builtin import fmnist_pretrained_cfg
     from vitscope.report import write_report
-    from vitscope.train import ModelSpec, save_weights
+    from vitscope.training import ModelSpec, save_weights
 
     torch.manual_seed(0)
     model = timm.create_model("winft_fmnist_tiny", window=3)

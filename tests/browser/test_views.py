@@ -223,7 +223,7 @@ def winft_run(tmp_path_factory):
 
     from vitscope.pipeline import AnalyzeSettings
     from vitscope.models.builtin import fmnist_pretrained_cfg
-    from vitscope.train import ModelSpec, save_weights
+    from vitscope.training import ModelSpec, save_weights
 
     gen = torch.Generator().manual_seed(3)
     L, P = 6, 49

@@ -75,8 +75,8 @@ def train(
     """
     import torch
 
-    from vitscope.train import Recipe, TrainError
-    from vitscope.train import train as run_training
+    from vitscope.training import Recipe, TrainError
+    from vitscope.training import train as run_training
 
     if threads is not None:
         torch.set_num_threads(threads)

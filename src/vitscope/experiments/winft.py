@@ -17,7 +17,7 @@ Steps (every step is resumable: finished runs are skipped, interrupted ones cont
    nearest the WinfT's (odd ``k``; both budgets are reported).
 3. **Training.** Three arms of ``winft_fmnist_tiny`` (the size of ``fmnist_vit_tiny``) with one
    recipe: ``plain`` (global attention), ``window`` (``window=k``) and ``winft`` (``masks=FILE``),
-   each for every seed, with :func:`vitscope.train.train` on the same training subset
+   each for every seed, with :func:`vitscope.training.train` on the same training subset
    (``--train-limit`` images drawn once with ``--subset-seed``) and the full 10,000-image test split.
 4. **Results.** ``OUT/results.json`` and ``OUT/results.md``: test accuracy mean +- std over seeds,
    the per-seed paired difference WinfT minus window, mask budget and sparsity, and wall time per run.
@@ -77,7 +77,7 @@ class ExperimentConfig:
     device: str = "cpu"
 
     def recipe(self, seed: int):
-        from vitscope.train import Recipe
+        from vitscope.training import Recipe
 
         return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                       warmup_epochs=min(self.warmup_epochs, float(self.epochs)), label_smoothing=self.label_smoothing,
@@ -96,7 +96,7 @@ def accumulate_impacts(vit, images: torch.Tensor, labels: torch.Tensor, batch_si
     """First-order interaction impacts of ``vit`` over uint8 images ``(N, H, W)`` with their true labels,
     accumulated in an :class:`~vitscope.analysis.interaction.InteractionAccumulator`."""
     from vitscope.analysis.interaction import InteractionAccumulator, first_order_impact
-    from vitscope.train import normalize
+    from vitscope.training import normalize
 
     cfg = vit.module.pretrained_cfg
     acc = InteractionAccumulator.for_model(vit)
@@ -162,7 +162,7 @@ def training_splits(cfg: ExperimentConfig):
     import timm
 
     from vitscope.models import registry  # noqa: F401 - registers the WinfT architectures
-    from vitscope.train import DatasetSplits, data_config_for, fashion_mnist_splits
+    from vitscope.training import DatasetSplits, data_config_for, fashion_mnist_splits
 
     data_cfg = data_config_for(timm.create_model(ARCH))
     full = fashion_mnist_splits(data_cfg)
@@ -197,7 +197,7 @@ def _finished(run_dir: Path, kwargs: dict[str, Any], recipe, dataset: str) -> Op
 
 def run_arm(cfg: ExperimentConfig, arm: str, seed: int, kwargs: dict[str, Any], splits, progress: bool = True) -> dict[str, Any]:
     """Train one (arm, seed) run unless it is already complete; returns its row for the results."""
-    from vitscope.train import ModelSpec, train
+    from vitscope.training import ModelSpec, train
 
     run_dir = Path(cfg.out) / arm / f"seed{seed}"
     recipe = cfg.recipe(seed)
