@@ -75,8 +75,15 @@ class AttentionRuntime:
         v: torch.Tensor,
         scale: float,
         dropout_p: float = 0.0,
+        bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Multi-head attention ``(B, H, T, D) -> (B, H, T, D)`` under ``plan``."""
+        """Multi-head attention ``(B, H, T, D) -> (B, H, T, D)`` under ``plan``.
+
+        ``bias``: the model's own additive float attention bias, broadcastable to ``(B, H, T, T)``
+        (relative position bias, BEiT-style), added to the scaled scores before the softmax. It is
+        part of the model, not of the plan: the idle fused path passes it to SDPA as its float
+        ``attn_mask``.
+        """
         if plan.needs_matrix:
             tracking = torch.is_grad_enabled() and (
                 q.requires_grad or (plan.head_gate is not None and plan.head_gate.requires_grad)
@@ -84,6 +91,8 @@ class AttentionRuntime:
             if tracking:
                 # Same operation order as timm's unfused path (q is scaled before the product).
                 scores = (q * scale) @ k.transpose(-2, -1)
+                if bias is not None:
+                    scores = scores + bias.to(dtype=scores.dtype)
                 if plan.allowed is not None:
                     scores = scores.masked_fill(~plan.allowed, float("-inf"))
                 attn = scores.softmax(dim=-1)
@@ -98,7 +107,7 @@ class AttentionRuntime:
                     held = attn.detach()
                     attn.register_hook(lambda g, _l=layer, _a=held: on_gradient(_l, _a, g))
             else:
-                attn = _softmax_scores_inplace(q, k, scale, plan.buffer, plan.allowed)
+                attn = _softmax_scores_inplace(q, k, scale, plan.buffer, plan.allowed, bias)
                 if plan.keep is not None:
                     attn.mul_(plan.keep.to(dtype=attn.dtype))
                 if plan.head_gate is not None:
@@ -109,16 +118,24 @@ class AttentionRuntime:
                 attn = F.dropout(attn, p=dropout_p)
             out = attn @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, dropout_p=dropout_p, scale=scale)
+            mask = plan.allowed
+            if bias is not None:
+                mask = bias.to(dtype=q.dtype) if mask is None else bias.to(dtype=q.dtype).masked_fill(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
             if plan.head_gate is not None:
                 out = out * _gate(plan.head_gate, out.dtype)[:, :, None, None]
         return out
 
 
 def _softmax_scores_inplace(
-    q: torch.Tensor, k: torch.Tensor, scale: float, buffer: Optional[torch.Tensor], allowed: Optional[torch.Tensor] = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    buffer: Optional[torch.Tensor],
+    allowed: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale)`` computed into one buffer: one batched GEMM, one in-place softmax.
+    """``softmax(q k^T * scale + bias)`` computed into one buffer: one batched GEMM, one in-place softmax.
 
     Half the memory traffic of the out-of-place version, which is most of the cost of materialising
     attention on a CPU.
@@ -129,6 +146,8 @@ def _softmax_scores_inplace(
         buffer = torch.empty(B, H, T, S, dtype=q.dtype, device=q.device)
     flat = buffer.view(B * H, T, S)
     torch.baddbmm(flat, q.reshape(B * H, T, D), k.reshape(B * H, S, D).transpose(1, 2), beta=0.0, alpha=scale, out=flat)
+    if bias is not None:
+        buffer.add_(bias.to(dtype=buffer.dtype))
     if allowed is not None:
         buffer.masked_fill_(~allowed, float("-inf"))
     torch.softmax(flat, dim=-1, out=flat)
