@@ -17,10 +17,10 @@ from vitscope.analysis.fields import (
     field_layer_summary,
     field_membership,
     field_statistics,
-    flow_colours,
     image_field_membership,
     responsive_fields,
 )
+from vitscope.figures.interaction import flow_colours
 from vitscope.models.layout import TokenLayout
 
 LAYOUT = TokenLayout(1, 0, None, (), (6, 7), (16, 16))  # CLS + a non-square 6 x 7 grid
@@ -187,7 +187,7 @@ def test_field_attention_mask():
 
 
 def test_figures_render():
-    from vitscope import figures_interaction as fi
+    from vitscope.figures import interaction as fi
 
     rng = np.random.default_rng(5)
     m = rng.random((3, P, P)) < 0.1

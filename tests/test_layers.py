@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "vitscope"
 
 #: package -> vitscope packages it must never import
-_ABOVE_ANALYSIS = {"pipeline", "figures", "report", "figures_interaction", "cli", "server", "experiments"}
+_ABOVE_ANALYSIS = {"pipeline", "figures", "report", "cli", "server", "experiments"}
 FORBIDDEN = {
     "core": {"models", "capture", "data", "store", "analysis", "training", *_ABOVE_ANALYSIS},
     "capture": {"models", "analysis", "training", "store", *_ABOVE_ANALYSIS},
@@ -23,7 +23,8 @@ FORBIDDEN = {
     "store": {"analysis", "training", "models", "capture", *_ABOVE_ANALYSIS},
     "analysis": _ABOVE_ANALYSIS,
     "training": {"analysis", "store", *_ABOVE_ANALYSIS},
-    "pipeline": {"figures", "report", "figures_interaction", "cli", "server", "experiments"},
+    "pipeline": {"figures", "report", "cli", "server", "experiments"},
+    "report": {"pipeline", "cli", "server", "experiments"},
     "figures": {"pipeline", "report", "cli", "server", "experiments"},
     "server": {"cli", "report"},
 }

@@ -50,18 +50,19 @@ def test_report_writes_every_figure_and_an_offline_page(run, tmp_path):
     assert "http://" not in page and "https://" not in page  # works offline
     assert "img_broken.png" in page  # the skipped image is listed
     # drawing a figure again gives identical files (no timestamps or random ids inside)
-    from vitscope import report
+    from vitscope.figures.run import fig_agreement
+    from vitscope.figures.save import save_figure
 
-    report._save(report.fig_agreement(run), tmp_path, "again")
+    save_figure(fig_agreement(run), tmp_path, "again", ("png", "svg"))
     for ext in ("png", "svg"):
         assert (tmp_path / f"again.{ext}").read_bytes() == (folder / f"agreement.{ext}").read_bytes()
 
 
 def test_every_figure_has_labelled_axes_and_a_key(run):
-    from vitscope import report
+    from vitscope.report import figure_plan
 
-    for stem, _title, _caption, make in report._figure_plan(run):
-        fig = make()
+    for entry in figure_plan(run):
+        stem, fig = entry.stem, entry.draw()
         axes = [ax for ax in fig.get_axes() if ax.get_visible()]
         plots = [ax for ax in axes if ax.get_label() != "<colorbar>"]
         assert plots, stem
@@ -79,9 +80,9 @@ def test_importance_figure_shows_the_intervals(run):
     import numpy as np
     from matplotlib.collections import LineCollection
 
-    from vitscope import report
+    from vitscope.figures.run import fig_importance
 
-    fig = report.fig_importance(run, "prob_drop")
+    fig = fig_importance(run, "prob_drop")
     ax = next(a for a in fig.get_axes() if a.get_xlabel().startswith("head index"))
     segs = [s for c in ax.collections if isinstance(c, LineCollection) for s in c.get_segments()]
     heads = run.heads.sort_values(["layer", "head"])

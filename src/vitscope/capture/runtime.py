@@ -76,6 +76,8 @@ class AttentionRuntime:
         scale: float,
         dropout_p: float = 0.0,
         bias: Optional[torch.Tensor] = None,
+        pre_softmax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        post_softmax: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Multi-head attention ``(B, H, T, D) -> (B, H, T, D)`` under ``plan``.
 
@@ -83,26 +85,37 @@ class AttentionRuntime:
         (relative position bias, BEiT-style), added to the scaled scores before the softmax. It is
         part of the model, not of the plan: the idle fused path passes it to SDPA as its float
         ``attn_mask``.
+
+        ``pre_softmax`` / ``post_softmax``: the model's own maps of the ``(B, H, T, T)`` scores before
+        and of the probabilities after the softmax (talking-heads attention mixes heads there). With
+        either, the matrix is always explicit, and the map the plan sees, masks and reports is the one
+        after ``post_softmax``: the matrix that multiplies ``v``.
         """
-        if plan.needs_matrix:
-            tracking = torch.is_grad_enabled() and (
-                q.requires_grad or (plan.head_gate is not None and plan.head_gate.requires_grad)
+        mixing = pre_softmax is not None or post_softmax is not None
+        if plan.needs_matrix or mixing:
+            tracking = mixing or (
+                torch.is_grad_enabled()
+                and (q.requires_grad or (plan.head_gate is not None and plan.head_gate.requires_grad))
             )
             if tracking:
                 # Same operation order as timm's unfused path (q is scaled before the product).
                 scores = (q * scale) @ k.transpose(-2, -1)
                 if bias is not None:
                     scores = scores + bias.to(dtype=scores.dtype)
+                if pre_softmax is not None:
+                    scores = pre_softmax(scores)
                 if plan.allowed is not None:
                     scores = scores.masked_fill(~plan.allowed, float("-inf"))
                 attn = scores.softmax(dim=-1)
+                if post_softmax is not None:
+                    attn = post_softmax(attn)
                 if plan.keep is not None:
                     attn = attn * plan.keep.to(dtype=attn.dtype)
                 if plan.head_gate is not None:
                     # Gating a head's context equals gating its attention rows; folding it into the
                     # matrix makes the reported (effective) attention show the pruning too.
                     attn = attn * _gate(plan.head_gate, attn.dtype)[:, :, None, None]
-                if plan.on_gradient is not None:
+                if plan.on_gradient is not None and attn.requires_grad:
                     on_gradient = plan.on_gradient
                     held = attn.detach()
                     attn.register_hook(lambda g, _l=layer, _a=held: on_gradient(_l, _a, g))

@@ -14,7 +14,7 @@ from torch import nn
 from vitscope.models.builtin import BUILTIN_MODELS
 from vitscope.models.errors import ModelLoadError, UnsupportedModelError
 from vitscope.models.preprocessing import Preprocessing
-from vitscope.models.backends.timm import TimmBackend
+from vitscope.models.backends.timm import timm_backend
 from vitscope.models.vit import ViT
 
 #: safetensors metadata keys vitscope writes so a single file can rebuild its model.
@@ -93,10 +93,10 @@ def wrap_timm(
     weights_sha256: Optional[str] = None,
     device: Union[str, torch.device, None] = None,
 ) -> ViT:
-    """Wrap an already built timm VisionTransformer."""
+    """Wrap an already built timm ViT (``VisionTransformer``, ``Eva``, ``Beit`` or ``Cait``)."""
     from timm.data import create_transform, resolve_data_config
 
-    backend = TimmBackend(model)
+    backend = timm_backend(model)
     cfg = resolve_data_config({}, model=model)
     # A model built directly (not from a registered config) carries timm's default 224 px config;
     # the input the model actually accepts wins.

@@ -1,22 +1,15 @@
-"""`write_report`: one figure per analysis of a run (PNG + SVG) and an ``index.html`` that shows them.
+"""The first paper's figures of a run: head importance, metric agreement, pruning curves, attention
+strength (entropy, hop profiles, mean distance), the pattern embedding and prototypes, and the
+image overview.
 
-Figures follow Paper 1's views: head importance per metric (layer x head heatmap and the paper's
-head-index axis ``layer * H + head`` with 95% bootstrap intervals), metric agreement, cumulative
-pruning curves, head entropy by layer (strip plot), hop profiles, mean attention distance, the
-attention-pattern embedding with density contours, the decoded pattern prototypes and the image
-overview. The HTML page references the figure files next to it, so it works offline.
-
-Figures are drawn with matplotlib's object API (``Figure``), which needs no GUI backend and leaves
-pyplot's global state alone.
+Each ``fig_*`` function draws from a :class:`~vitscope.store.Run` alone and returns a matplotlib
+``Figure`` (object API: no GUI backend, pyplot's global state left alone).
 """
 
 from __future__ import annotations
 
-import html
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from vitscope.store import Run
+
 
 #: Readable names of the importance metrics (columns of ``heads``).
 METRIC_LABELS = {
@@ -36,29 +30,11 @@ METRIC_LABELS = {
     "random": "random order",
 }
 
-FORMATS = ("png", "svg")
-
-
-@dataclass
-class FigureEntry:
-    """One written figure: its file stem, title and caption."""
-
-    stem: str
-    title: str
-    caption: str
-
-
 # ------------------------------------------------------------------ helpers
 def _new_figure(width: float, height: float) -> "Figure":
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig: "Figure", folder: Path, stem: str, formats: Sequence[str] = FORMATS) -> None:
-    from vitscope.figures.save import save_figure
-
-    save_figure(fig, folder, stem, formats)
 
 
 def _metrics(heads: pd.DataFrame) -> list[str]:
@@ -379,219 +355,3 @@ def fig_overview(run: "Run") -> "Figure":
     ax_p.set_ylabel("overview 2")
     ax_p.set_title("... and probability")
     return fig
-
-
-# ------------------------------------------------------------------ report
-def _figure_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Figure"]]]:
-    heads = run.heads
-    plan: list[tuple[str, str, str, Callable[[], "Figure"]]] = []
-    for m in _metrics(heads):
-        plan.append((
-            f"importance_{m}",
-            f"Head importance: {METRIC_LABELS.get(m, m)}",
-            f"Left: {METRIC_LABELS.get(m, m)} of every head (mean over images), layer by head. Right: the same "
-            "on the paper's head axis (layer x heads + head) with 95% percentile-bootstrap intervals over images.",
-            lambda m=m: fig_importance(run, m),
-        ))
-    plan += [
-        ("agreement", "Metric agreement", "Spearman rank correlation between the head-level importance metrics.", lambda: fig_agreement(run)),
-        ("pruning_curves", "Cumulative pruning", "Accuracy as heads are pruned together, most important first by each metric "
-         "(dashed: a random order). The faster a curve falls, the better its metric ranks heads.", lambda: fig_curves(run)),
-        ("entropy_by_layer", "Attention strength: entropy", "Entropy of each head's hop-distance profile by layer. Low values are "
-         "local or self-attending heads; the dashed line is a head that ignores distance.", lambda: fig_entropy(run)),
-        ("hop_profiles", "Attention strength: hop profiles", "Mean attention between patches at each Chebyshev hop distance "
-         "(log scale), averaged over images.", lambda: fig_hop_profiles(run)),
-        ("mean_distance", "Mean attention distance", "Attention-weighted distance between patch centres, in pixels.", lambda: fig_mean_distance(run)),
-    ]
-    for kind in run.patterns:
-        what = "patch-to-patch block" if kind == "patch" else "CLS row and column"
-        plan.append((f"patterns_{kind}", f"Attention patterns ({what})", "Every (image, head) attention map as a point: "
-                     "autoencoder latent codes projected to 2-D, coloured by layer, grey density contours, cluster numbers at "
-                     "cluster centres.", lambda kind=kind: fig_pattern_embedding(run, kind)))
-        plan.append((f"prototypes_{kind}", f"Pattern prototypes ({what})", "The decoded prototype of each cluster with its "
-                     "size and a generated name.", lambda kind=kind: fig_prototypes(run, kind)))
-    plan.append(("image_overview", "Image overview", "Images placed by their vectors of per-head pruned probabilities; "
-                 "colour is the class.", lambda: fig_overview(run)))
-    plan += _interaction_plan(run)
-    return plan
-
-
-# ------------------------------------------------------------------ patch interactions (Paper 2)
-def _run_layout(run: "Run") -> Any:
-    """The model's token layout, rebuilt from the manifest (the figures need the patch grid)."""
-    from vitscope.core.layout import TokenLayout
-
-    return TokenLayout.from_dict(run.manifest["model"]["layout"])
-
-
-def _field_stats(run: "Run") -> dict[str, np.ndarray]:
-    """Mean per-image field arrows and sizes ``(L, P)`` from the run's ``field_image_*`` arrays."""
-    return {k: np.asarray(run.array(f"field_image_{k}")[...], dtype=float) for k in ("dx", "dy", "size")}
-
-
-def _interaction_plan(run: "Run") -> list[tuple[str, str, str, Callable[[], "Figure"]]]:
-    """Figures of a run analysed with ``--interactions`` (none otherwise), each only when its data exists."""
-    from vitscope import figures_interaction as fi
-
-    plan: list[tuple[str, str, str, Callable[[], "Figure"]]] = []
-    names = set(run.arrays())
-    if {"field_image_dx", "field_image_dy", "field_image_size"} <= names:
-        n = int(run.manifest.get("counts", {}).get("analysed") or 0)
-        plan.append(("field_arrows", "Responsive fields: arrows", "For every query patch, an arrow towards the centroid of "
-                     f"its responsive field (the keys carrying half of its positive first-order impact), averaged over {n} "
-                     "images; colour is the mean field size, crosses mark empty fields. Arrows are scaled alike in all panels.",
-                     lambda: fi.plot_field_arrows(_field_stats(run), _run_layout(run))))
-        plan.append(("field_flow", "Responsive fields: flow colours", "The same mean arrows as colours: hue is the direction, "
-                     "saturation the length (key at the end); grey = empty field.",
-                     lambda: fi.plot_flow_colours(_field_stats(run), _run_layout(run))))
-    if run.has_table("field_image_layers"):
-        plan.append(("field_growth", "Responsive fields by layer", "Per layer: field size, distances (extent, spread, arrow "
-                     "length, in patches) and direction (coherence of the arrows, lean towards the image centre), from "
-                     "per-image fields.", lambda: fi.plot_field_growth(run.table("field_image_layers"))))
-    if run.has_table("window_curve"):
-        plan.append(("window_curve", "Window design", "Accuracy when every layer's attention is restricted to a key budget: "
-                     "square windows, and keys ranked by mean first-order impact measured on other images (per layer, "
-                     "or pooled over layers). Dashed: unrestricted attention.", lambda: fi.plot_window_curve(run.table("window_curve"))))
-    if run.has_table("removal_curve"):
-        plan.append(("removal_curve", "Patch-token removal", "Accuracy as the lowest-ranked patch tokens are dropped after "
-                     "embedding: ranked by each image's first-order key importance, by the importance averaged over other "
-                     "images, by CLS attention, and at random (band: min-max over seeds).",
-                     lambda: fi.plot_removal_curve(run.table("removal_curve"))))
-    if run.has_table("interaction_agreement"):
-        from vitscope.analysis.interaction_tables import agreement_summary
-
-        plan.append(("interaction_agreement", "First-order estimate vs knock-out", "Spearman correlation, per layer, between "
-                     "the first-order impacts of a query's edges and the exact loss change of knocking each edge out "
-                     "(mean +- s.e. over images and sampled queries).",
-                     lambda: fi.plot_agreement(agreement_summary(run.table("interaction_agreement")))))
-    return plan
-
-
-def write_report(run: Union["Run", str, Path], out: Union[str, Path, None] = None, *, svg: bool = False,
-                 workers: Optional[int] = None) -> Path:
-    """Write every figure as ``<name>.png`` (and ``<name>.svg`` with ``svg``) and ``index.html`` into ``out``.
-
-    ``run`` is a :class:`~vitscope.store.Run` or a run folder; ``out`` defaults to ``RUN/report``.
-    Everything is drawn from the run alone (no model, no weights file). SVG files are written only
-    on request: drawing each figure a second time for them doubles the report's cost. ``workers``
-    processes draw the figures side by side (default: up to 4, one per core; 1 draws in this
-    process); the files are the same either way.
-    Returns the path of ``index.html``.
-    """
-    from vitscope.store import Run, open_run
-
-    if not isinstance(run, Run):
-        run = open_run(run)
-    folder = Path(out) if out is not None else run.path / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    formats = FORMATS if svg else ("png",)
-    plan = _figure_plan(run)
-    _draw_all(plan, folder, formats, workers)
-    entries = [FigureEntry(stem, title, caption) for stem, title, caption, _make in plan]
-    entries += _winft_mask_figures(run, folder, formats)
-    index = folder / "index.html"
-    index.write_text(_html(run, entries, svg=svg), encoding="utf-8")
-    return index
-
-
-#: The figure plan the drawing processes read (set just before they are forked; see _draw_all).
-_PLAN: list[tuple[str, str, str, Callable[[], "Figure"]]] = []
-
-
-def _draw_one(index: int, folder: Path, formats: Sequence[str]) -> None:
-    stem, _title, _caption, make = _PLAN[index]
-    _save(make(), folder, stem, formats)
-
-
-def _draw_all(plan: list[tuple[str, str, str, Callable[[], "Figure"]]], folder: Path, formats: Sequence[str], workers: Optional[int]) -> None:
-    """Draw every figure of ``plan``, in forked worker processes where the platform forks (the
-    figures are independent and drawing is CPU-bound; forked workers inherit the plan and the run
-    already open, so nothing is pickled but an index)."""
-    import multiprocessing as mp
-    import os
-
-    from concurrent.futures import ProcessPoolExecutor
-
-    global _PLAN
-    n = min(len(plan), workers if workers is not None else min(4, os.cpu_count() or 1))
-    _PLAN = plan
-    try:
-        if n <= 1 or "fork" not in mp.get_all_start_methods():
-            for i in range(len(plan)):
-                _draw_one(i, folder, formats)
-            return
-        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("fork")) as pool:
-            for done in [pool.submit(_draw_one, i, folder, formats) for i in range(len(plan))]:
-                done.result()  # a figure that fails to draw fails the report, with its own error
-    finally:
-        _PLAN = []
-
-
-def _winft_mask_figures(run: "Run", folder: Path, formats: Sequence[str] = FORMATS) -> list[FigureEntry]:
-    """When the analysed model has attention masks (a WinfT; the run stores ``winft_masks``), draw them."""
-    if "winft_masks" not in run.arrays():
-        return []
-    from vitscope.figures.winft import plot_mask_budget, plot_winft_masks
-    from vitscope.figures.save import save_figure
-
-    from vitscope.core.grid import allowed_from_keys
-
-    layout = _run_layout(run)
-    masks = allowed_from_keys(np.asarray(run.array("winft_masks")[...], dtype=bool), layout)
-    save_figure(plot_winft_masks(masks, layout), folder, "winft_masks", formats)
-    save_figure(plot_mask_budget(masks, layout), folder, "winft_mask_budget", formats)
-    return [
-        FigureEntry("winft_masks", "WinfT attention masks", "Allowed keys (from the reference model's responsive fields) of a few query patches, per layer; CLS attends and is attended globally."),
-        FigureEntry("winft_mask_budget", "WinfT key budget by layer", "Mean number of patch keys each query may attend to, per layer."),
-    ]
-
-
-def _html(run: "Run", entries: list[FigureEntry], svg: bool = False) -> str:
-    m = run.manifest
-    model = m["model"]
-    counts = m.get("counts", {})
-    esc = html.escape
-    top = run.heads.sort_values("prob_drop", ascending=False).head(5) if "prob_drop" in run.heads else run.heads.head(0)
-    top_rows = "".join(
-        f"<tr><td>{int(r.layer)}</td><td>{int(r.head)}</td><td>{r.prob_drop:.4f}</td>"
-        f"<td>[{r.prob_drop_lo:.4f}, {r.prob_drop_hi:.4f}]</td></tr>"
-        for r in top.itertuples()
-    )
-    fails = m.get("failures", [])
-    fail_html = (
-        "<details><summary>{} image(s) skipped</summary><ul>{}</ul></details>".format(
-            len(fails), "".join(f"<li><code>{esc(str(f['path']))}</code>: {esc(str(f['reason']))}</li>" for f in fails)
-        )
-        if fails
-        else "<p>No image was skipped.</p>"
-    )
-    def svg_link(e: FigureEntry) -> str:
-        return f' <a href="{e.stem}.svg">SVG</a>' if svg else ""
-
-    figs = "\n".join(
-        f'<figure id="{e.stem}"><h2>{esc(e.title)}</h2><img src="{e.stem}.png" alt="{esc(e.title)}">'
-        f'<figcaption>{esc(e.caption)}{svg_link(e)}</figcaption></figure>'
-        for e in entries
-    )
-    toc = " · ".join(f'<a href="#{e.stem}">{esc(e.title)}</a>' for e in entries)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>vitscope report: {esc(str(model.get('name')))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }}
-figure {{ margin: 2.5em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
-figcaption {{ color: #555; font-size: 0.92em; }} table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }} nav {{ font-size: 0.9em; }}
-</style></head><body>
-<h1>vitscope report</h1>
-<p>Model <b>{esc(str(model.get('spec')))}</b> ({model.get('num_layers')} layers x {model.get('num_heads')} heads,
-weights sha256 <code>{esc(str(model.get('weights_sha256'))[:16])}</code>);
-{counts.get('analysed')} images analysed from <code>{esc(str(m['images'].get('source')))}</code>.
-Run folder <code>{esc(str(run.path))}</code>, finished {esc(str(m.get('completed')))}.</p>
-{fail_html}
-<h3>Most important heads (probability drop)</h3>
-<table><tr><th>layer</th><th>head</th><th>mean drop</th><th>95% interval</th></tr>{top_rows}</table>
-<nav><p>{toc}</p></nav>
-{figs}
-</body></html>
-"""

@@ -16,13 +16,35 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import pandas as pd
 
-from vitscope.analysis.fields import flow_colours
 from vitscope.core.indices import select_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from vitscope.core.layout import TokenLayout
+
+
+
+def flow_colours(dy: Any, dx: Any, max_magnitude: Optional[float] = None) -> np.ndarray:
+    """Flow-colour encoding of arrows: RGB in ``[0, 1]`` with shape ``dy.shape + (3,)``.
+
+    Hue = direction (0 = right/red, 120 = up-left/green, 240 = down-left/blue, counter-clockwise
+    with up at 90), saturation = magnitude / ``max_magnitude`` (default: the largest finite
+    magnitude; clipped at 1), value = 1. NaN arrows (empty fields) are mid grey.
+    """
+    dy = np.asarray(dy, dtype=np.float64)
+    dx = np.asarray(dx, dtype=np.float64)
+    mag = np.hypot(dx, dy)
+    finite = np.isfinite(mag)
+    top = float(max_magnitude) if max_magnitude is not None else (float(mag[finite].max()) if finite.any() else 0.0)
+    hue = (np.degrees(np.arctan2(-dy, dx)) % 360.0) / 360.0
+    sat = np.clip(mag / top, 0.0, 1.0) if top > 0 else np.zeros_like(mag)
+    hsv = np.stack([np.where(finite, hue, 0.0), np.where(finite, sat, 0.0), np.ones_like(mag)], axis=-1)
+    from matplotlib.colors import hsv_to_rgb
+
+    rgb = hsv_to_rgb(hsv)
+    rgb[~finite] = 0.5
+    return rgb
 
 
 def _figure(n: int, ncols: int, size: float = 2.6) -> tuple["Figure", np.ndarray]:
