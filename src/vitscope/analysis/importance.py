@@ -40,6 +40,7 @@ from vitscope.analysis.inputs import split_batch as _split_batch
 from vitscope.capture.masks import REGIONS, region_matrix
 from vitscope.capture.runtime import LayerPlan
 from vitscope.core.indices import check_head
+from vitscope.analysis.metrics import HEAD_METRICS, ranking_metrics
 from vitscope.core.stats import bootstrap_means
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,8 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Partial-pruning modes in the paper's order: mode ``i`` is ``MODES[i - 1]``.
 MODES: tuple[str, ...] = ("none",) + REGIONS
 
-#: Head-level metrics produced by :func:`summarize_importance` (larger = more important).
-METRICS: tuple[str, ...] = ("acc_drop", "prob_drop", "loss_increase", "layer_change", "taylor")
+#: Head-level metrics that rank heads (larger = more important); every metric is registered in
+#: :mod:`vitscope.analysis.metrics`.
+METRICS: tuple[str, ...] = ranking_metrics()
 
 HeadOrder = Union[Sequence[tuple[int, int]], pd.DataFrame]
 
@@ -354,18 +356,9 @@ def _effects(image_heads: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFr
 
     cols, icols = set(image_heads.columns), set(images.columns)
     eff: dict[str, np.ndarray] = {}
-    if "pruned_correct" in cols and "correct" in icols:
-        eff["acc_drop"] = column("correct") - grid(image_heads["pruned_correct"])
-    if "pruned_prob" in cols and "base_prob" in icols:
-        eff["prob_drop"] = column("base_prob") - grid(image_heads["pruned_prob"])
-    if "pruned_loss" in cols and "base_loss" in icols:
-        eff["loss_increase"] = grid(image_heads["pruned_loss"]) - column("base_loss")
-    if "layer_change" in cols:
-        eff["layer_change"] = grid(image_heads["layer_change"])
-    if "layer_rel_l2" in cols:
-        eff["layer_rel_l2"] = grid(image_heads["layer_rel_l2"])
-    if "taylor" in cols:
-        eff["taylor"] = np.abs(grid(image_heads["taylor"]))
+    for metric in HEAD_METRICS.values():
+        if set(metric.image_head_columns) <= cols and set(metric.image_columns) <= icols:
+            eff[metric.name] = np.asarray(metric.effect(lambda c: grid(image_heads[c]), column), dtype=np.float64)
     if not eff:
         raise ValueError(
             "no metric can be computed: image_heads needs pruned_correct / pruned_prob / pruned_loss (with correct / "
@@ -441,7 +434,7 @@ def metric_agreement(heads: pd.DataFrame, metrics: Optional[Sequence[str]] = Non
     from scipy.stats import spearmanr
 
     if metrics is None:
-        metrics = [m for m in (*METRICS, "layer_rel_l2") if m in heads.columns]
+        metrics = [m for m in HEAD_METRICS if m in heads.columns]
     missing = [m for m in metrics if m not in heads.columns]
     if missing:
         raise ValueError(f"heads has no column(s) {missing}; available: {list(heads.columns)}")

@@ -14,21 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from vitscope.analysis.metrics import metric_label, ranking_metrics
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from vitscope.store import Run
 
-
-#: Readable names of the importance metrics (columns of ``heads``).
-METRIC_LABELS = {
-    "prob_drop": "probability drop",
-    "acc_drop": "accuracy drop",
-    "loss_increase": "loss increase",
-    "layer_change": "layer output change (1 - cos)",
-    "taylor": "Taylor (|mask gradient|)",
-    "random": "random order",
-}
 
 # ------------------------------------------------------------------ helpers
 def _new_figure(width: float, height: float) -> "Figure":
@@ -38,7 +30,8 @@ def _new_figure(width: float, height: float) -> "Figure":
 
 
 def _metrics(heads: pd.DataFrame) -> list[str]:
-    return [m for m in ("prob_drop", "acc_drop", "loss_increase", "layer_change", "taylor") if m in heads.columns]
+    """The registered head-ranking metrics the run has, in registration order."""
+    return [m for m in ranking_metrics() if m in heads.columns]
 
 
 def _matrix(heads: pd.DataFrame, column: str, L: int, H: int) -> np.ndarray:
@@ -59,7 +52,7 @@ def fig_importance(run: "Run", metric: str) -> "Figure":
     """Heatmap (layer x head) of one importance metric, and every head with its 95% interval."""
     heads = run.heads.sort_values(["layer", "head"])
     L, H = run.num_layers, run.num_heads
-    label = METRIC_LABELS.get(metric, metric)
+    label = metric_label(metric)
     fig = _new_figure(11, 4.2)
     ax_map, ax_ci = fig.subplots(1, 2, width_ratios=[1, 2.2])
     mat = _matrix(heads, metric, L, H)
@@ -107,7 +100,7 @@ def fig_agreement(run: "Run") -> "Figure":
     fig = _new_figure(5.6, 4.8)
     ax = fig.subplots()
     im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu_r")
-    names = [METRIC_LABELS.get(m, m) for m in metrics]
+    names = [metric_label(m) for m in metrics]
     ax.set_xticks(range(n), names, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(n), names, fontsize=8)
     ax.set_xlabel("metric")
@@ -132,7 +125,7 @@ def fig_curves(run: "Run") -> "Figure":
     # measured images themselves) are drawn thin and dotted, for comparison only.
     for (ranking, metric), g in cv.groupby(["ranking", "metric"], sort=False):
         g = g.sort_values("k")
-        label = METRIC_LABELS.get(str(metric), str(metric))
+        label = metric_label(str(metric))
         if metric == "random":
             if ranking == "in_sample" and held:
                 continue  # the same random order in both

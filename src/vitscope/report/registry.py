@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from vitscope.analysis.metrics import metric_label
 from vitscope.figures import run as F
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +62,7 @@ def head_figures(run: "Run") -> list[ReportFigure]:
     heads = run.heads
     plan: list[ReportFigure] = []
     for m in F._metrics(heads):
-        label = F.METRIC_LABELS.get(m, m)
+        label = metric_label(m)
         plan.append(ReportFigure(
             f"importance_{m}",
             f"Head importance: {label}",

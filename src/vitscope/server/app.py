@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vitscope.analysis.metrics import metric_label
 from vitscope.server.data import RunData, array_headers, parse_image_id, to_wire
 from vitscope.server.errors import ApiError, bad_parameter, not_found
 from vitscope.server.live import LiveModel
@@ -192,6 +193,7 @@ def run_info(data: RunData, live: LiveModel) -> dict[str, Any]:
             "attention_mean": "attention_mean" in arrays,
         },
         "metrics": [c for c in heads_cols if f"{c}_lo" in heads_cols and f"{c}_hi" in heads_cols],
+        "metric_labels": {c: metric_label(c) for c in heads_cols if f"{c}_lo" in heads_cols},
         "strength_measures": [c[: -len("_mean")] for c in heads_cols if c.endswith("_mean") and f"{c[:-5]}_median" in heads_cols],
         "modes": [{"mode": i + 1, "region": r} for i, r in enumerate(MODES)],
         "tables": tables,

@@ -51,6 +51,8 @@ export interface RunInfo {
     attention_mean: boolean;
   };
   metrics: string[];
+  /** Readable name of each metric, from the server's metric registry. */
+  metric_labels?: Record<string, string>;
   strength_measures: string[];
   modes: { mode: number; region: string }[];
   tables: string[];
