@@ -236,7 +236,7 @@ def test_timm_beit_relative_position_bias(name, kw):
 def test_timm_cait_talking_heads():
     """The analysed layers are the talking-heads blocks (patch tokens only); the map of head h is the
     one after ``proj_w`` (it multiplies head h's values), so its rows need not sum to 1."""
-    vit = _timm("cait_xxs24_224", **SMALL, num_classes=5)
+    vit = _timm("cait_xxs24_224", **SMALL, num_classes=5, init_values=0.5)  # LayerScale large enough to see a head
     assert vit.num_layers == len(vit.module.blocks) == 2 and len(vit.module.blocks_token_only) == 2
     assert (vit.layout.num_prefix, vit.layout.cls_index, vit.num_tokens) == (0, None, 16)
     x = torch.randn(2, 3, 64, 64)
