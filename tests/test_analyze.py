@@ -1,4 +1,4 @@
-"""`vitscope analyze`, the run store and `open_run`.
+"""`vitscope analyze` and `open_run` on the runs it writes (the run store alone: tests/test_store.py).
 
 Checked against independent references: pruned probabilities against an explicit-kernel masked
 forward, strength against a direct loop over patch pairs, Taylor importance against a finite
@@ -19,14 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 
 from vitscope.store import NotARunError, RunMismatchError, RunStore, UnfinishedRunError, open_run
-from vitscope.store import files as store_files
 from vitscope.store.layout import TABLES
-from vitscope.store.manifest import describe_mismatch, fingerprint
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -131,90 +128,6 @@ def tiny_run(tiny, tmp_path_factory, patterns_module):
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     return analyze(str(tiny["model"]), tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")
-
-
-# ----------------------------------------------------------------------------- the store
-
-
-def test_table_write_is_atomic_and_round_trips(tmp_path):
-    store = RunStore(tmp_path)
-    df = pd.DataFrame({"image_id": [1, 2], "x": [0.5, np.nan], "prof": [np.arange(3.0), np.ones(3)], "name": ["a", None]})
-    store.write_table("images", df)
-    back = store.read_table("images")
-    _table_equal(df, back, "images")
-    assert pd.isna(back["name"].iloc[1])
-    bad = pd.DataFrame({"x": [object()]})
-    with pytest.raises(pa.ArrowInvalid):
-        store.write_table("images", bad)
-    _table_equal(df, store.read_table("images"), "images")  # the old file is untouched
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(store_files.TMP_PREFIX)]
-
-
-def test_chunk_appears_whole_or_not_at_all(tmp_path):
-    store = RunStore(tmp_path)
-    t = pd.DataFrame({"image_id": [0, 1]})
-    with pytest.raises(ValueError, match="Zarr data type"):
-        store.write_chunk(0, tables={"images": t}, arrays={"a": np.array([object()])}, meta={"chunk": 0})
-    assert not store.chunk_done(0) and store.done_chunks() == []
-    assert not list(store.chunks_path.iterdir())  # no temporary folder left behind
-    store.write_chunk(0, tables={"images": t}, arrays={"pattern_inputs/patch": np.ones((2, 3))}, meta={"chunk": 0, "failures": []})
-    assert store.done_chunks() == [0]
-    np.testing.assert_array_equal(store.read_chunk_array(0, "pattern_inputs/patch"), np.ones((2, 3)))
-    assert store.read_chunk_meta(0)["chunk"] == 0
-    pd.testing.assert_frame_equal(store.read_chunk_table(0, "images"), t)
-
-
-def test_arrays_are_plain_zarr_groups(tmp_path):
-    import zarr
-
-    store = RunStore(tmp_path)
-    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    store.write_array("patterns/patch/codes", data, chunks=(1, 3, 4), attrs={"dims": ["a", "b", "c"]})
-    store.write_array("overview", np.zeros((2, 2)))
-    g = zarr.open_group(str(tmp_path / "arrays.zarr"), mode="r")  # readable without vitscope
-    np.testing.assert_array_equal(g["patterns/patch/codes"][...], data)
-    assert g["patterns/patch/codes"].attrs["dims"] == ["a", "b", "c"]
-    assert store.array_names() == ["overview", "patterns/patch/codes"]
-    with pytest.raises(KeyError, match="overview"):
-        store.array("patterns/cls/codes")
-    with pytest.raises(ValueError, match="invalid array name"):
-        store.write_array("../escape", data)
-
-
-def test_leftovers_of_a_killed_writer_are_removed(tmp_path):
-    store = RunStore(tmp_path)
-    (tmp_path / "chunks").mkdir()
-    (tmp_path / "chunks" / f"{store_files.TMP_PREFIX}abc-00001").mkdir()
-    (tmp_path / f"{store_files.TMP_PREFIX}x-heads.parquet").write_bytes(b"partial")
-    store.remove_leftovers()
-    assert not list((tmp_path / "chunks").iterdir())
-    assert not list(tmp_path.glob(f"{store_files.TMP_PREFIX}*"))
-
-
-def test_open_run_says_what_is_wrong(tmp_path):
-    with pytest.raises(NotARunError, match="does not exist"):
-        open_run(tmp_path / "nope")
-    with pytest.raises(NotARunError, match="no manifest.json"):
-        open_run(tmp_path)
-    (tmp_path / "manifest.json").write_text('{"format": "something-else"}')
-    with pytest.raises(NotARunError, match="not a vitscope run manifest"):
-        open_run(tmp_path)
-    m = {"format": "vitscope-run", "format_version": 1, "status": "running", "chunks": {"count": 5},
-         "command": "vitscope analyze --model m --images d --out r"}
-    (tmp_path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(UnfinishedRunError, match=r"0 of 5 image chunks done.*vitscope analyze --model m"):
-        open_run(tmp_path)
-
-
-def test_fingerprint_names_the_difference():
-    base = {"model": {"spec": "m", "weights_sha256": "ab"}, "images": [[0, "a.png", 1, 10]], "settings": {"batch_size": 32}}
-    fp, parts = fingerprint(base)
-    assert fingerprint(dict(base))[0] == fp
-    other = {**base, "settings": {"batch_size": 16}}
-    fp2, parts2 = fingerprint(other)
-    assert fp2 != fp and parts2["model"] == parts["model"] and parts2["settings"] != parts["settings"]
-    msg = describe_mismatch({"fingerprint_parts": parts, "settings": base["settings"]}, {"fingerprint_parts": parts2, "settings": other["settings"]})
-    assert msg == "settings: batch_size: 32 -> 16"
 
 
 # ----------------------------------------------------------------------------- a whole run (tiny random model)
