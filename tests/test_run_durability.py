@@ -83,8 +83,10 @@ def publications(tmp_path_factory) -> int:
     return int(done.stdout.split()[-1])
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_killed_at_random_points_then_resumed_equals_the_uninterrupted_run(seed, tmp_path, reference, publications):
+def test_killed_at_random_points_then_resumed_equals_the_uninterrupted_run(tmp_path, reference, publications):
+    # One seeded sequence of kills (set VITSCOPE_KILL_SEED to try others); the kill points of
+    # different seeds cover different publications, and every one of them must resume exactly.
+    seed = int(os.environ.get("VITSCOPE_KILL_SEED", "0"))
     rng = np.random.default_rng(seed)
     out = tmp_path / "run"
     kills = 0
