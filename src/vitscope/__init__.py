@@ -22,12 +22,15 @@ _EXPORTS = {
     "ViT": "vitscope.models",
     "load_model": "vitscope.models",
     "partial_pruning": "vitscope.analysis.importance",
+    "explain": "vitscope.analysis.explain",
+    "explain_all": "vitscope.analysis.explain",
     "open_run": "vitscope.store",
     "show": "vitscope.server.notebook",
     "analyze": "vitscope.pipeline",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from vitscope.analysis.explain import explain, explain_all
     from vitscope.analysis.importance import partial_pruning
     from vitscope.pipeline import analyze
     from vitscope.capture.masks import REGIONS

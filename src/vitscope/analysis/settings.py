@@ -42,6 +42,9 @@ class AnalyzeSettings:
             significance), responsive fields, the window-design curve, the patch-removal curve and
             the estimate-vs-knock-out agreement (about 3 extra forward-equivalents per image, plus
             the curves on at most ``curve_images`` images); see docs/interactions.md.
+        explain: explanation methods (of :mod:`vitscope.analysis.explain`) whose map of every
+            image is stored as ``explain/<method>`` (image, row, col), e.g. ``("rollout",
+            "relevance")``; empty = none. See docs/explanations.md.
     """
 
     batch_size: int = 32
@@ -58,12 +61,16 @@ class AnalyzeSettings:
     curve_images: int = 100
     curve_points: int = 7
     interactions: bool = False
+    explain: tuple[str, ...] = ()
 
     def validate(self) -> None:
         choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch")}
         minimum = {"seed": 0, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "ae_min_steps": 0, "curve_points": 2}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "explain":
+                _validate_explain(v)
+                continue
             if f.name in _BOOL_SETTINGS:
                 if not isinstance(v, bool):
                     raise ValueError(f"{f.name} must be True or False, got {v!r}")
@@ -78,8 +85,30 @@ class AnalyzeSettings:
                 raise ValueError(f"{f.name} must be at least {minimum.get(f.name, 1)}, got {v}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        # Without explanations the settings (and so the fingerprint) are those of runs made before
+        # the option existed, so they still resume.
+        if not d["explain"]:
+            del d["explain"]
+        else:
+            d["explain"] = list(d["explain"])
+        return d
 
     def catalogue_inputs(self) -> dict[str, str]:
         """Pattern catalogue name -> the ``pattern_inputs`` map kind its autoencoder learns."""
         return {"patch": self.patch_input, "cls": "cls"}
+
+
+#: Explanation methods ``analyze`` can store (the names of ``vitscope.analysis.explain.METHODS``;
+#: listed here so that validating settings imports no torch).
+EXPLAIN_METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance", "random")
+
+
+def _validate_explain(methods: Any) -> None:
+    if isinstance(methods, str) or not isinstance(methods, (tuple, list)):
+        raise ValueError(f"explain must be a tuple of method names, got {methods!r}")
+    bad = [m for m in methods if m not in EXPLAIN_METHODS]
+    if bad:
+        raise ValueError(f"unknown explanation method(s) {bad}; choose from {', '.join(EXPLAIN_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"explain lists a method twice: {list(methods)}")

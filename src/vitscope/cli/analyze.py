@@ -22,6 +22,16 @@ def _fail(console: Console, message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _explain_methods(text: Optional[str]) -> tuple[str, ...]:
+    from vitscope.analysis.settings import EXPLAIN_METHODS
+
+    if not text:
+        return ()
+    if text.strip() == "all":
+        return tuple(m for m in EXPLAIN_METHODS if m != "random") + ("random",)
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 @app.command()
 def analyze(
     model: str = typer.Option(..., "--model", "-m", help="timm name, hf:<id or folder>, built-in name (fmnist_vit_tiny), or a vitscope .safetensors file"),
@@ -44,6 +54,12 @@ def analyze(
         "--interactions/--no-interactions",
         help="also compute paper 2's patch interactions, responsive fields, window design and patch removal "
         "(about 3 extra forward-equivalents per image, plus curves)",
+    ),
+    explain_methods: Optional[str] = typer.Option(
+        None,
+        "--explain",
+        help="also store every image's explanation maps: a comma-separated list of attention, rollout, grad_rollout, "
+        "relevance, random (see docs/explanations.md); 'all' for every one",
     ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
     workers: int = typer.Option(0, "--workers", min=0, help="image-decoding worker processes"),
@@ -77,6 +93,7 @@ def analyze(
             projection=projection,
             curve_images=curve_images,
             interactions=interactions,
+            explain=_explain_methods(explain_methods),
         )
         settings.validate()
     except ValueError as e:

@@ -45,6 +45,7 @@ def analyze_batch(
     image_ids: Sequence[int],
     *,
     pattern_size: int = 16,
+    explain: Sequence[str] = (),
     timings: Optional[dict[str, float]] = None,
 ) -> BatchResult:
     """Every per-image analysis of one batch.
@@ -122,6 +123,13 @@ def analyze_batch(
     ih["hop_profile"] = list(strength["hop_profile"].reshape(B * L * H, G))
     arrays = {f"pattern_inputs/{k}": np.stack(v, axis=1) for k, v in pat.items()}  # type: ignore[arg-type]
     arrays["attention_sum"] = attn_sum.numpy()
+    if explain:
+        from vitscope.analysis.explain import explain_all
+
+        with clock("explain"):
+            maps = explain_all(vit, x, list(explain), target=torch.as_tensor(sweep["target"]))
+        for method, m in maps.items():
+            arrays[f"explain/{method}"] = to_numpy(m).astype(np.float32)
     return BatchResult(images=images, image_heads=ih, arrays=arrays)
 
 

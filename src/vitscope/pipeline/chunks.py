@@ -75,7 +75,8 @@ def run_chunks(ctx: RunContext, prog: Progress) -> None:
         with ctx.clock("decode"):
             batches = ctx.decode(records, on_failure)
         results = [
-            analyze_batch(ctx.vit, b.x, b.labels, b.image_ids, pattern_size=ctx.settings.pattern_size, timings=ctx.timings)
+            analyze_batch(ctx.vit, b.x, b.labels, b.image_ids, pattern_size=ctx.settings.pattern_size,
+                          explain=ctx.settings.explain, timings=ctx.timings)
             for b in batches
         ]
         blobs = {}

@@ -166,3 +166,31 @@ def winft_figures(run: "Run") -> list[ReportFigure]:
         ReportFigure("winft_mask_budget", "WinfT key budget by layer", "Mean number of patch keys each query may attend to, "
                      "per layer.", lambda: plot_mask_budget(masks(), run_layout(run))),
     ]
+
+
+@report_figures
+def explanation_figures(run: "Run") -> list[ReportFigure]:
+    """A run analysed with ``--explain``: the first images' maps of every stored method."""
+    methods = [name.split("/", 1)[1] for name in run.arrays() if name.startswith("explain/")]
+    if not methods:
+        return []
+
+    def draw() -> "Figure":
+        from vitscope.data import ImageError, open_image
+        from vitscope.figures.explain import plot_explanations
+
+        images = run.images.head(6)
+        pictures: list[Any] = []
+        for path in images["path"]:
+            try:
+                pictures.append(open_image(path))
+            except (ImageError, OSError):
+                pictures.append(None)  # the image has moved: the maps are drawn alone
+        maps = {m: np.asarray(run.array(f"explain/{m}")[: len(images)]) for m in methods}
+        names = images["label_name"] if "label_name" in images else images["image_id"]
+        titles = [f"{int(i)}: {n}" for i, n in zip(images["image_id"], names)]
+        return plot_explanations(maps, pictures, titles)
+
+    return [ReportFigure("explanations", "Explanations", "Each method's map of the first images' target class over the "
+                         "patch grid (scaled per map), over the image: " + ", ".join(methods) + ". See docs/explanations.md "
+                         "for what each computes and how faithful each is.", draw)]

@@ -30,14 +30,16 @@ def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, 
     image_heads = pd.concat([st.read_chunk_table(i, "image_heads") for i in with_rows], ignore_index=True)
     n = len(images)
     H = vit.num_heads
-    kinds = [k for k in ("offset", "patch", "cls") if st.has_chunk_array(with_rows[0], f"pattern_inputs/{k}")]
-    for kind in kinds:
-        name = f"pattern_inputs/{kind}"
+    per_image = [f"pattern_inputs/{k}" for k in ("offset", "patch", "cls")] + [f"explain/{m}" for m in ctx.settings.explain]
+    for name in [n for n in per_image if st.has_chunk_array(with_rows[0], n)]:
         if st.has_array(name):
             continue
         first = st.read_chunk_array(with_rows[0], name)
-        attrs = {"dims": ["image", "layer", "head", "channel", "y", "x"], "image_order": "images.parquet rows"}
-        chunk_shape = (min(n, ctx.settings.batch_size), 1, *first.shape[2:])
+        dims = ["image", "layer", "head", "channel", "y", "x"] if name.startswith("pattern_inputs/") else ["image", "row", "col"]
+        attrs = {"dims": dims, "image_order": "images.parquet rows"}
+        if name.startswith("explain/"):
+            attrs["what"] = f"{name.split('/', 1)[1]} explanation of each image's target over the patch grid"
+        chunk_shape = (min(n, ctx.settings.batch_size), *([1] if len(first.shape) > 3 else []), *first.shape[2 if len(first.shape) > 3 else 1:])
         with st.new_array(name, (n, *first.shape[1:]), first.dtype, chunks=chunk_shape, attrs=attrs) as arr:
             pos = 0
             for i in with_rows:  # one chunk in memory at a time
