@@ -176,8 +176,9 @@ SMALL = dict(img_size=64, depth=2, embed_dim=64, num_heads=4)
         ("vit_small_patch16_rope_224", dict(SMALL, num_classes=5, qkv_fused=False, num_kv_heads=2), 1, ()),
         ("vit_base_patch16_rope_reg1_gap_256", dict(SMALL, num_classes=5), 1, (0,)),
         ("vit_tiny_patch16_dinov3_qkvb", dict(SMALL, num_classes=0), 5, (1, 2, 3, 4)),
+        ("vit_pe_core_tiny_patch16_384", dict(SMALL, num_classes=5), 1, ()),
     ],
-    ids=["eva02", "eva02-qknorm-subln", "rope-axial", "rope-mixed", "rope-gqa", "rope-reg-gap", "dinov3"],
+    ids=["eva02", "eva02-qknorm-subln", "rope-axial", "rope-mixed", "rope-gqa", "rope-reg-gap", "dinov3", "pe-attnpool"],
 )
 def test_timm_eva_family(name, kw, prefix, regs):
     vit = _timm(name, **kw)
@@ -213,6 +214,27 @@ def test_eva_stream_gradients_equal_autograd():
         assert (grads[l] - rec.maps[0].grad).abs().max().item() < 1e-5
 
 
+def test_timm_vit_with_its_own_float_mask():
+    """A VisionTransformer whose blocks pass an additive float attn_mask keeps it under capture."""
+    import types
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    bias = torch.randn(1, 2, 17, 17)
+    for blk in model.blocks:
+        blk.forward = types.MethodType(lambda self, x, _f=type(blk).forward: _f(self, x, attn_mask=bias), blk)
+    vit = vitscope.load_model(model, device="cpu")
+    x = torch.randn(2, 3, 32, 32)
+    ref, recs = _timm_reference(vit)
+    with torch.no_grad():
+        want = ref(x)
+    assert (vit.attention(x) - torch.stack([r.maps[0] for r in recs], 1)).abs().max().item() <= TOL
+    assert (vit.logits(x) - want).abs().max().item() < 1e-5
+    assert (_vit_output(vit, x, {(1, 0): "cls"}) - vit.logits(x)).abs().max().item() > 1e-5
+
+
 # --------------------------------------------------------------------------- timm BEiT
 @pytest.mark.parametrize(
     "name, kw",
@@ -241,3 +263,171 @@ def test_timm_cait_talking_heads():
     assert (vit.layout.num_prefix, vit.layout.cls_index, vit.num_tokens) == (0, None, 16)
     x = torch.randn(2, 3, 64, 64)
     _check_timm(vit, x, fused=False, rows_sum_to_one=False)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+HF_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+
+
+def _hf_model(family: str):
+    import transformers as tr
+
+    c = HF_COMMON
+    builders = {
+        "clip": lambda: tr.CLIPVisionModel(tr.CLIPVisionConfig(**c)),
+        "clip-classifier": lambda: tr.CLIPForImageClassification(tr.CLIPConfig(vision_config=c, num_labels=4)),
+        "siglip": lambda: tr.SiglipVisionModel(tr.SiglipVisionConfig(**c)),
+        "siglip-no-head": lambda: tr.SiglipVisionModel(tr.SiglipVisionConfig(**c, vision_use_head=False)),
+        "siglip-classifier": lambda: tr.SiglipForImageClassification(tr.SiglipConfig(vision_config=c, num_labels=4)),
+        "vit-mae": lambda: tr.ViTMAEModel(tr.ViTMAEConfig(**c, mask_ratio=0.0)),
+        "beit": lambda: tr.BeitModel(tr.BeitConfig(**c, use_relative_position_bias=True)),
+        "beit-shared-classifier": lambda: tr.BeitForImageClassification(tr.BeitConfig(**c, use_shared_relative_position_bias=True, num_labels=4)),
+        "beit-meanpool-classifier": lambda: tr.BeitForImageClassification(tr.BeitConfig(**c, use_relative_position_bias=True, use_mean_pooling=True, num_labels=4)),
+        "data2vec": lambda: tr.Data2VecVisionModel(tr.Data2VecVisionConfig(**c, use_relative_position_bias=True)),
+        "data2vec-shared-classifier": lambda: tr.Data2VecVisionForImageClassification(tr.Data2VecVisionConfig(**c, use_shared_relative_position_bias=True, num_labels=4)),
+        "dinov2-registers": lambda: tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(**c, num_register_tokens=3)),
+        "vit": lambda: tr.ViTModel(tr.ViTConfig(**c)),
+    }
+    torch.manual_seed(0)
+    return _randomise(builders[family]()).eval()
+
+
+#: family -> (num_prefix, cls_index, register_indices)
+HF_LAYOUTS = {
+    "clip": (1, 0, ()),
+    "clip-classifier": (1, 0, ()),
+    "siglip": (0, None, ()),
+    "siglip-no-head": (0, None, ()),
+    "siglip-classifier": (0, None, ()),
+    "vit-mae": (1, 0, ()),
+    "beit": (1, 0, ()),
+    "beit-shared-classifier": (1, 0, ()),
+    "beit-meanpool-classifier": (1, 0, ()),
+    "data2vec": (1, 0, ()),
+    "data2vec-shared-classifier": (1, 0, ()),
+    "dinov2-registers": (4, 0, (1, 2, 3)),
+    "vit": (1, 0, ()),
+}
+
+
+#: backbone family -> its pooled embedding, from the library's own outputs
+HF_POOLED = {
+    "clip": lambda out: out.pooler_output,  # post-layernorm CLS
+    "siglip": lambda out: out.pooler_output,  # attention-pooling head
+    "siglip-no-head": lambda out: out.last_hidden_state.mean(1),
+    "beit": lambda out: out.pooler_output,  # CLS after the final layernorm
+    "data2vec": lambda out: out.last_hidden_state[:, 1:].mean(1),  # mean pooling, no pooler module
+    "vit-mae": lambda out: out.last_hidden_state[:, 0],
+    "dinov2-registers": lambda out: out.last_hidden_state[:, 0],
+    "vit": lambda out: out.last_hidden_state[:, 0],  # CLS after layernorm (not the tanh pooler)
+}
+
+
+def _hf_run(model, x, family: str):
+    """The library's own output: logits, or the pooled embedding its outputs carry."""
+    kw = {"noise": torch.arange(16.0).expand(x.shape[0], 16)} if family == "vit-mae" else {}
+    with torch.no_grad():
+        out = model(pixel_values=x, **kw)
+        return out.logits if hasattr(out, "logits") else HF_POOLED[family](out)
+
+
+def _out_proj(layer: torch.nn.Module) -> torch.nn.Module:
+    for name, sub in layer.named_modules():
+        if name.endswith(("o_proj", "out_proj", "attention.output.dense")):
+            return sub
+    raise AssertionError(f"no attention output projection in {type(layer).__name__}")
+
+
+@pytest.mark.parametrize("family", list(HF_LAYOUTS))
+def test_hf_family(family, tmp_path):
+    model = _hf_model(family)
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+    vit = vitscope.load_model(f"hf:{tmp_path}", device="cpu")
+    assert type(vit.module) is cls
+    # the model's own attention stays fused: SDPA behind the "vitscope" interface function, or
+    # (Data2Vec, which predates the interface) its SDPA attention class
+    if family.startswith("data2vec"):
+        assert all(type(l.attention.attention).__name__.endswith("SdpaSelfAttention") for l in vit.backend.blocks)
+    else:
+        assert vit.module.config._attn_implementation == "vitscope"
+    prefix, cls_index, regs = HF_LAYOUTS[family]
+    L = vit.layout
+    assert (L.num_prefix, L.cls_index, L.register_indices, L.grid, vit.num_tokens) == (prefix, cls_index, regs, (4, 4), prefix + 16)
+    x = torch.randn(2, 3, 32, 32)
+    eager = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    kw = {"noise": torch.arange(16.0).expand(2, 16)} if family == "vit-mae" else {}
+    with torch.no_grad():
+        R = torch.stack(eager(pixel_values=x, output_attentions=True, **kw).attentions, dim=1)
+    A = vit.attention(x)
+    assert A.shape == R.shape and (A - R).abs().max().item() <= TOL
+    assert torch.allclose(A.sum(-1), torch.ones(()), atol=1e-5)
+    # plain forward equals the unmodified model's; the pieces equal it too
+    # (gradients off, as load_model leaves them: torch's MultiheadAttention, SigLIP's pooling head,
+    # takes its fast path only then)
+    pristine = cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval().requires_grad_(False)
+    plain = _hf_run(pristine, x, family)
+    with torch.no_grad():
+        assert torch.equal(vit.backend.forward(x), plain)
+    embedding = not vit.num_classes
+    if not embedding:
+        assert torch.equal(vit.logits(x), plain)
+    assert (_vit_output(vit, x, embedding=embedding) - plain).abs().max().item() < 1e-5
+    assert (_hf_run(eager, x, family) - plain).abs().max().item() < 1e-4
+    # whole-head pruning equals zeroing that head's context slice before the output projection
+    layer, head, hd = 1, 1, HF_COMMON["hidden_size"] // HF_COMMON["num_attention_heads"]
+
+    def zero_slice(_m, args):
+        ctx = args[0].clone()
+        ctx[..., head * hd : (head + 1) * hd] = 0
+        return (ctx, *args[1:])
+
+    zeroed = cls.from_pretrained(tmp_path, attn_implementation="sdpa").eval().requires_grad_(False)
+    base = zeroed.vision_model if hasattr(zeroed, "vision_model") else getattr(zeroed, zeroed.base_model_prefix, zeroed)
+    layers = [m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == HF_COMMON["num_hidden_layers"]][0]
+    _out_proj(layers[layer]).register_forward_pre_hook(zero_slice)
+    got = _vit_output(vit, x, {(layer, head): "all"}, embedding)
+    assert (got - _hf_run(zeroed, x, family)).abs().max().item() < 1e-5
+    assert (got - plain).abs().max().item() > 1e-4
+
+
+def test_hf_backbones_embedding_and_refusals(tmp_path):
+    import transformers as tr
+
+    from vitscope.models.backends.base import Backend
+
+    vit = vitscope.load_model(_hf_model("clip"), device="cpu")
+    assert isinstance(vit.backend, Backend) and vit.num_classes is None
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="no classification head"):
+        vit.logits(x)
+    emb = vit.backend.embedding(vit.run_blocks(vit.embed(x)))
+    assert emb.shape == (2, 32) and (emb - vit.backend.forward(x)).abs().max().item() < 1e-5
+    # a whole CLIP checkpoint loads as its vision tower; a ViT-MAE pre-training checkpoint as its
+    # encoder with masking off
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    tr.CLIPModel(tr.CLIPConfig(vision_config=HF_COMMON, text_config=text)).save_pretrained(tmp_path / "clip")
+    assert type(vitscope.load_model(f"hf:{tmp_path / 'clip'}", device="cpu").module).__name__ == "CLIPVisionModel"
+    tr.ViTMAEForPreTraining(tr.ViTMAEConfig(**HF_COMMON)).save_pretrained(tmp_path / "mae")
+    mae = vitscope.load_model(f"hf:{tmp_path / 'mae'}", device="cpu")
+    assert type(mae.module).__name__ == "ViTMAEModel" and mae.module.config.mask_ratio == 0.0 and mae.num_tokens == 17
+    with pytest.raises(vitscope.UnsupportedModelError, match="mask_ratio"):
+        vitscope.load_model(tr.ViTMAEModel(tr.ViTMAEConfig(**HF_COMMON)), device="cpu")
+    swin = tr.SwinModel(tr.SwinConfig(image_size=32, embed_dim=16, depths=[1], num_heads=[2]))
+    with pytest.raises(vitscope.UnsupportedModelError, match="Windowed attention"):
+        vitscope.load_model(swin, device="cpu")
+
+
+def test_timm_backbone_embedding_and_swin_refusal():
+    import timm
+
+    vit = _timm("vit_tiny_patch16_dinov3_qkvb", **SMALL, num_classes=0)
+    x = torch.randn(2, 3, 64, 64)
+    emb = vit.backend.embedding(vit.run_blocks(vit.embed(x)))
+    assert emb.shape == (2, 64) and (emb - vit.module(x)).abs().max().item() < 1e-5
+    classifier = _timm("vit_small_patch16_rope_224", **SMALL, num_classes=5)
+    h = classifier.run_blocks(classifier.embed(x))
+    assert classifier.backend.embedding(h).shape == (2, 64) and classifier.readout(h).shape == (2, 5)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1), embed_dim=16, num_heads=(1, 1, 1, 1))
+    with pytest.raises(vitscope.UnsupportedModelError, match="Windowed attention"):
+        vitscope.load_model(swin, device="cpu")

@@ -134,10 +134,13 @@ def load_model(
     - the name of a built-in model (``"fmnist_vit_tiny"``, weights included);
     - a timm model name (``"deit_tiny_patch16_224"``): weights from ``weights=`` (``.safetensors``
       or ``.pth``), else timm's pretrained download (needs internet);
-    - ``"hf:<hub id or local folder>"``: a Hugging Face ViT / DeiT / DINOv2 model
-      (needs ``pip install 'vitscope[hf]'``);
+    - ``"hf:<hub id or local folder>"``: a Hugging Face ViT / DeiT / DINOv2 / CLIP / SigLIP /
+      ViT-MAE / BEiT / Data2Vec-Vision model (needs ``pip install 'vitscope[hf]'``);
     - a ``.safetensors`` file written by ``vitscope train`` (it records its own architecture);
-    - an ``nn.Module`` (a timm VisionTransformer you built yourself).
+    - an ``nn.Module`` you built yourself: a timm ``VisionTransformer``, ``Eva``, ``Beit`` or
+      ``Cait``, or one of the transformers classes above.
+
+    docs/models.md lists the supported families, their token layouts and what is refused.
 
     ``device`` defaults to CUDA when available. The model is put in eval mode with gradients off.
     """
@@ -191,7 +194,7 @@ def _load_module(model: nn.Module, weights: Union[str, Path, None], device: Devi
     if type(model).__module__.startswith("transformers."):
         from vitscope.models.backends.hf import wrap_hf
 
-        return wrap_hf(model, source=type(model).__name__, device=device)
+        return wrap_hf(model, source=type(model).__name__, device=device, read_processor=False)
     return wrap_timm(model, device=device)
 
 

@@ -1,8 +1,9 @@
 """What a model library must provide for :class:`~vitscope.ViT`: the :class:`Backend` protocol.
 
-One implementation per library (``backends.timm.TimmBackend``, ``backends.hf.HFBackend``). A new
-family implements these members and routes its attention module's ``q, k, v`` through
-``AttentionRuntime.attend`` in :meth:`Backend.install`; see docs/architecture.md.
+One implementation per library (``backends.timm.TimmBackend`` and its per-family subclasses,
+``backends.hf.HFBackend``). A new family implements these members and routes its attention module's
+``q, k, v`` through ``AttentionRuntime.attend`` in :meth:`Backend.install`; see docs/architecture.md
+and docs/models.md.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ class Backend(Protocol):
         """Block ``i`` on the residual stream ``h``."""
 
     def readout(self, h: "torch.Tensor") -> "torch.Tensor":
-        """Residual stream after the last block -> class logits."""
+        """Residual stream after the last block -> class logits (for a backbone without a
+        classifier: its pooled embedding, as :meth:`embedding`)."""
+
+    def embedding(self, h: "torch.Tensor") -> "torch.Tensor":
+        """Residual stream after the last block -> the model's pooled image embedding ``(B, D)``:
+        what the library itself calls the pooled / pre-logits features (CLS after the final norm,
+        the pooler output, or a mean over tokens; docs/models.md says which per family)."""
 
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":
-        """The library's own forward (logits), untouched by vitscope."""
+        """The library's own forward (logits; a backbone's pooled embedding), untouched by vitscope."""
