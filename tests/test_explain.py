@@ -204,10 +204,10 @@ def test_distilled_equals_reference(distilled_vit):
 
 # --------------------------------------------------------------------------- batch independence
 @pytest.mark.parametrize("model", ["deit_tiny", "registers_vit"])
-def test_batch_equals_each_image_alone(model, request, imagenet_images):
+def test_batch_equals_each_image_alone(model, request):
     vit = request.getfixturevalue(model)
     if model == "deit_tiny":
-        x = vit.preprocess(imagenet_images[0][2:5])
+        x = vit.preprocess(request.getfixturevalue("imagenet_images")[0][2:5])
     else:
         torch.manual_seed(5)
         x = torch.randn(3, 3, 64, 64)
@@ -218,8 +218,8 @@ def test_batch_equals_each_image_alone(model, request, imagenet_images):
             alone = explain_all(vit, x[b : b + 1], methods, **opts)
             for m in methods:
                 assert_maps_equal(together[m][b : b + 1], alone[m], f"{model} {m} {opts} image {b}")
-    r = together_random = explain(vit, x, "random")
-    assert torch.equal(explain(vit, x, "random", seed=0), together_random)
+    r = explain(vit, x, "random")
+    assert torch.equal(explain(vit, x, "random", seed=0), r)
     assert not torch.equal(explain(vit, x, "random", seed=1), r)
     assert not torch.equal(r[0], r[1]) and 0.0 <= r.min().item() and r.max().item() < 1.0
 
