@@ -190,8 +190,9 @@ def test_timm_eva_family(name, kw, prefix, regs):
     _check_timm(vit, torch.randn(2, 3, side, side))
 
 
-def test_eva_rope_needs_the_full_sequence():
-    vit = _timm("vit_small_patch16_rope_224", **SMALL, num_classes=5)
+@pytest.mark.parametrize("name", ["vit_small_patch16_rope_224", "beitv2_base_patch16_224"])
+def test_position_dependent_models_need_the_full_sequence(name):
+    vit = _timm(name, **SMALL, num_classes=5)
     h = vit.embed(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="full sequence"):
         vit.run_blocks(h[:, :-3])

@@ -238,6 +238,14 @@ class HFBackend:
 
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         t = self.model_type
+        if t in ("beit", "data2vec-vision"):
+            _, window = self._window()
+            if h.shape[1] != 1 + window[0] * window[1]:
+                raise ValueError(
+                    f"{type(self.module).__name__}: its relative position bias is made for {1 + window[0] * window[1]} "
+                    f"tokens, got {h.shape[1]}. Run the blocks on the full sequence (token dropping is not supported "
+                    "for relative-position-bias models)."
+                )
         if t == "beit":
             res, window = self._window()
             sp = self.base.shared_position_bias

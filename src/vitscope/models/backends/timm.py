@@ -378,6 +378,13 @@ class BeitBackend(TimmBackend):
 
     def run_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         m = self.module
+        grid = tuple(m.patch_embed.grid_size)
+        if h.shape[1] != 1 + grid[0] * grid[1]:
+            raise ValueError(
+                f"{type(m).__name__}: its relative position bias is made for {1 + grid[0] * grid[1]} tokens (CLS + "
+                f"{grid[0]}x{grid[1]} patches), got {h.shape[1]}. Run the blocks on the full sequence (token dropping "
+                "is not supported for relative-position-bias models)."
+            )
         shared = m.rel_pos_bias() if m.rel_pos_bias is not None else None
         return self.blocks[i](h, shared_rel_pos_bias=shared)
 
