@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -71,7 +72,9 @@ def analyze(
 
     Writes the run folder OUT (manifest.json, Parquet tables, arrays.zarr); read it with
     vitscope.open_run(OUT) or draw it with `vitscope report OUT`. Run the same command again
-    after an interruption to resume; finished work is not redone.
+    after an interruption to resume; finished work is not redone. Under torchrun
+    (`torchrun --nproc-per-node N -m vitscope analyze ...`) the processes share the chunks and
+    the result is the same run as with one process.
     """
     from vitscope.pipeline import analyze as run_analyze
     from vitscope.store import RunError
@@ -120,6 +123,8 @@ def analyze(
     except ValueError as e:
         # Model, data and label errors are ValueErrors whose message names the item and the fix.
         _fail(console, str(e))
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun the first process speaks for the job
     counts = run.manifest["counts"]
     console.print(
         f"wrote {run.path}: {counts['analysed']} images analysed, {counts['failed']} skipped. "

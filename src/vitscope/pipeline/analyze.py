@@ -15,10 +15,11 @@ from vitscope.analysis.settings import AnalyzeSettings
 from vitscope.core.progress import Progress, progress_for
 from vitscope.pipeline import chunks, steps
 from vitscope.pipeline.context import RunContext
+from vitscope.pipeline.distributed import Job, current_job, device_for
 from vitscope.pipeline.manifest import check_labels, run_manifest
 from vitscope.store.errors import NotARunError, RunMismatchError
 from vitscope.store.layout import STATUS_COMPLETE
-from vitscope.store.lock import RunLock
+from vitscope.store.lock import RunLock, check_job_holds
 from vitscope.store.manifest import describe_mismatch, resumed_manifest
 from vitscope.store.reader import Run, open_run
 from vitscope.store.writer import RunStore
@@ -83,11 +84,19 @@ def analyze(
         console = Console(stderr=True)
 
     # One writer per run folder: a second command on the same folder is refused (RunLockedError)
-    # instead of deleting the first one's temporary chunks or publishing half of a chunk.
-    with RunLock(store.path, command=command or "vitscope.analyze"):
+    # instead of deleting the first one's temporary chunks or publishing half of a chunk. Under
+    # torchrun the job is the writer: its first process holds the lock for all of them.
+    job = current_job(device)
+    lock = RunLock(store.path, command=command or "vitscope.analyze", job=job.job_id)
+    job.from_main(lambda: lock.acquire() and None)  # (the lock itself stays on rank 0)
+    try:
+        if not job.is_main:
+            check_job_holds(store.path, str(job.job_id))
         return _analyze_locked(model, images, store, weights=weights, labels=labels, limit=limit, settings=settings,
-                               overwrite=overwrite, device=device, num_workers=num_workers, progress=progress,
-                               console=console, command=command)
+                               overwrite=overwrite, device=device_for(job, device), num_workers=num_workers,
+                               progress=progress if job.is_main else False, console=console, command=command, job=job)
+    finally:
+        lock.release()
 
 
 def _analyze_locked(
@@ -105,6 +114,7 @@ def _analyze_locked(
     progress: Union[bool, Progress],
     console: Any,
     command: Optional[str],
+    job: Job,
 ) -> Run:
     from vitscope.data import load_images
     from vitscope.models import ViT, load_model
@@ -118,28 +128,41 @@ def _analyze_locked(
     check_labels(image_set, vit)
     manifest = run_manifest(vit, image_set, settings, source=source, labels=labels, limit=limit, command=command)
 
-    if store.has_manifest():
-        old = store.read_manifest()
-        if overwrite:
-            store.clear()
-        elif old.get("fingerprint") != manifest["fingerprint"]:
-            raise RunMismatchError(
-                f"{store.path} holds a run made by a different command ({describe_mismatch(old, manifest)}). "
-                "Rerun the original command to resume it, choose another --out folder, or pass --overwrite to replace it."
-            )
-        elif old.get("status") == STATUS_COMPLETE:
-            console.print(f"run {store.path} is already complete; nothing to do (pass --overwrite to redo it)")
-            return open_run(store.path)
-        else:
-            manifest = resumed_manifest(old, manifest, command)
-    store.path.mkdir(parents=True, exist_ok=True)
-    store.remove_leftovers()
-    store.write_manifest(manifest)
+    def open_folder() -> Optional[dict]:
+        """The manifest to work under (rank 0 decides), or None when the run is already complete."""
+        nonlocal manifest
+        if store.has_manifest():
+            old = store.read_manifest()
+            if overwrite:
+                store.clear()
+            elif old.get("fingerprint") != manifest["fingerprint"]:
+                raise RunMismatchError(
+                    f"{store.path} holds a run made by a different command ({describe_mismatch(old, manifest)}). "
+                    "Rerun the original command to resume it, choose another --out folder, or pass --overwrite to replace it."
+                )
+            elif old.get("status") == STATUS_COMPLETE:
+                console.print(f"run {store.path} is already complete; nothing to do (pass --overwrite to redo it)")
+                return None
+            else:
+                manifest = resumed_manifest(old, manifest, command)
+        store.path.mkdir(parents=True, exist_ok=True)
+        store.remove_leftovers()
+        store.write_manifest(manifest)
+        return manifest
 
-    ctx = RunContext(vit, image_set, store, settings, manifest, num_workers=num_workers)
+    shared = job.from_main(open_folder)
+    if shared is None:
+        return open_run(store.path)
+    if shared["fingerprint"] != manifest["fingerprint"]:
+        raise RunMismatchError(f"this process's model, images or settings differ from the job's first process "
+                               f"({describe_mismatch(shared, manifest)}); start every process with the same command")
+    manifest = shared
+
+    ctx = RunContext(vit, image_set, store, settings, manifest, num_workers=num_workers, job=job)
     with progress_for(progress, console) as prog:
         chunks.run_chunks(ctx, prog)
-        steps.finish(ctx, prog)
+        job.barrier()  # every chunk of every rank is published
+        job.from_main(lambda: steps.finish(ctx, prog))
     run = open_run(store.path)
     if run.manifest.get("failures"):
         console.print(f"skipped {len(run.manifest['failures'])} unreadable image(s); they are listed in {store.manifest_path}")

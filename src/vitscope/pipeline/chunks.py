@@ -56,14 +56,17 @@ def verified_done_chunks(ctx: RunContext, prog: Progress) -> set[int]:
 
 
 def run_chunks(ctx: RunContext, prog: Progress) -> None:
-    """Analyse and publish every chunk that is not already done."""
-    done = verified_done_chunks(ctx, prog)
+    """Analyse and publish every chunk that is not already done (in a parallel job: this rank's share)."""
+    job = ctx.job
+    done = job.from_main(lambda: verified_done_chunks(ctx, prog))
     n_done_images = sum(len(ctx.chunk_records(i)) for i in done)
     task = prog.add_task("analysing images", total=len(ctx.records), completed=n_done_images)
     if done:
         prog.log(f"resuming: {len(done)} of {ctx.n_chunks} chunks already done")
+    if job.world > 1:
+        prog.log(f"{job.world} processes; this one (rank {job.rank}) analyses chunks {job.rank}, {job.rank + job.world}, ...")
     for i in range(ctx.n_chunks):
-        if i in done:
+        if i in done or not job.owns(i):
             continue
         records = ctx.chunk_records(i)
         failures: list[dict[str, Any]] = []

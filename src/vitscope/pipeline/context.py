@@ -12,6 +12,7 @@ import torch
 
 from vitscope.analysis.settings import AnalyzeSettings
 from vitscope.pipeline.batch import Clock
+from vitscope.pipeline.distributed import Job
 from vitscope.store.writer import RunStore
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,8 @@ class RunContext:
     settings: AnalyzeSettings
     manifest: dict[str, Any]
     num_workers: int = 0
+    #: This process's place in a parallel (torchrun) job; one process by default.
+    job: Job = field(default_factory=Job)
     #: Seconds spent in each part of this invocation (recorded in the manifest as ``timings``).
     timings: dict[str, float] = field(default_factory=dict)
 

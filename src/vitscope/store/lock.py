@@ -68,9 +68,11 @@ class RunLock:
     and its command. The lock is re-entrant within one process only through the same object.
     """
 
-    def __init__(self, folder: Union[str, Path], command: Optional[str] = None) -> None:
+    def __init__(self, folder: Union[str, Path], command: Optional[str] = None, job: Optional[str] = None) -> None:
         self.folder = Path(folder)
         self.command = command
+        #: The id of the parallel job (e.g. torchrun's) whose processes share this lock, if any.
+        self.job = job
         self._fh: Optional[IO[str]] = None
 
     @property
@@ -97,6 +99,8 @@ class RunLock:
         fh.truncate()
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.job is not None:
+            record["job"] = self.job
         fh.write(json.dumps(record))
         fh.flush()
         self._fh = fh
@@ -120,3 +124,26 @@ class RunLock:
 
     def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
         self.release()
+
+
+def check_job_holds(folder: Union[str, Path], job: str) -> None:
+    """Raise :class:`RunLockedError` unless the lock of ``folder`` is held, by the job ``job``.
+
+    The other processes of a parallel job call this instead of taking the lock themselves: the
+    job's first process holds it for all of them.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_NAME
+    held = False
+    if path.is_file():
+        with open(path, "a+", encoding="utf-8") as fh:
+            held = not _try_lock(fh)
+            if not held:
+                _unlock(fh)
+    holder = read_holder(folder)
+    if not held or holder.get("job") != job:
+        who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}" if held else "nobody"
+        raise RunLockedError(
+            f"{folder}'s lock is held by {who}, not by this job ({job}); run every process of the job with the same "
+            "--out folder, and no other command on it"
+        )

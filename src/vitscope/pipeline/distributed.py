@@ -1,0 +1,98 @@
+"""``analyze`` under ``torchrun``: the chunks are split across the processes of one job.
+
+Every chunk is independent (its own partial sums, merged in chunk order by the final steps), so a
+job of N processes writes the same chunk folders as one process would: rank ``r`` analyses the
+unfinished chunks ``i`` with ``i % N == r``, rank 0 runs the final steps once every rank is done.
+The run is therefore the same for any number of processes, and a run started with N resumes with M.
+
+The run folder's lock belongs to the job: rank 0 takes it and records the job's id, the other
+ranks check that the holder is their own job, and any other command is refused as usual.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Optional, TypeVar
+
+T = TypeVar("T")
+
+#: How long a rank waits for the others (a chunk can take long on a big model; a dead rank makes
+#: torchrun stop the job long before this).
+BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Job:
+    """This process's place in the job: ``rank`` of ``world`` processes (1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    job_id: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, chunk: int) -> bool:
+        """Whether this process analyses chunk ``chunk``."""
+        return chunk % self.world == self.rank
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def from_main(self, make: Callable[[], T]) -> T:
+        """``make()`` run on rank 0, its value (or the error it raised) given to every rank.
+
+        An error on rank 0 is raised on every rank, so no rank waits for a step that never comes.
+        """
+        if self.world == 1:
+            return make()
+        import torch.distributed as dist
+
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", make())
+            except BaseException as e:  # handed to the other ranks, then re-raised here
+                box[0] = ("error", e)
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            if self.is_main:
+                raise value
+            raise type(value)(*value.args) if isinstance(value, Exception) else RuntimeError(str(value))
+        return value
+
+
+def current_job(device: Any = None) -> Job:
+    """The job this process belongs to; under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is
+    started here when the caller has not (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Job()
+    import torch
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        cuda = str(device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
+    job_id = os.environ.get("TORCHELASTIC_RUN_ID") or f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return Job(rank=rank, world=world, local_rank=local_rank, job_id=job_id)
+
+
+def device_for(job: Job, device: Any) -> Any:
+    """One device per rank: ``cuda`` (or the default on a CUDA machine) becomes ``cuda:<local rank>``."""
+    if job.world == 1:
+        return device
+    import torch
+
+    if (device is None and torch.cuda.is_available()) or str(device) == "cuda":
+        return f"cuda:{job.local_rank}"
+    return device
