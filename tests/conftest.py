@@ -69,3 +69,15 @@ def imagenet_images(imagenet_sample):
 
     rows = list(csv.DictReader(open(imagenet_sample / "labels.csv")))[::25][:40]
     return [imagenet_sample / r["path"] for r in rows], [int(r["class_index"]) for r in rows]
+
+
+@pytest.fixture(scope="session")
+def server_run(tmp_path_factory):
+    """A small real run of the built-in model on 16 sample images (fast settings)."""
+    from vitscope.pipeline import AnalyzeSettings
+
+    settings = AnalyzeSettings(batch_size=8, n_boot=20, curve_images=8, curve_points=2, ae_epochs=1, ae_min_steps=5, projection="pca", n_clusters=2)
+    out = tmp_path_factory.mktemp("server") / "run"
+    import vitscope
+
+    return vitscope.analyze("fmnist_vit_tiny", "sample", out, limit=16, settings=settings, device="cpu", progress=False)

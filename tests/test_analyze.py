@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -437,72 +432,6 @@ def test_state_sha256_follows_the_weights_not_the_object(tiny):
 
 
 # ----------------------------------------------------------------------------- resume after SIGKILL (CLI)
-
-
-def _cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-c", "from vitscope.cli import main; main()", *args]
-
-
-@pytest.mark.slow
-def test_cli_resumes_after_sigkill(tmp_path, patterns_module):
-    """Kill `vitscope analyze` (SIGKILL) after its first chunk, run it again: equal to an uninterrupted run.
-
-    The built-in Fashion-MNIST model on a copy of the embedded sample with one corrupt file added,
-    one image per chunk (so the kill lands with most chunks still to do; the corrupt file makes
-    chunk 0 a chunk without rows).
-    """
-    import shutil
-
-    from vitscope.data.sources import _sample_dir
-    from vitscope.models import BUILTIN_MODELS
-
-    if not BUILTIN_MODELS["fmnist_vit_tiny"].weights_path.is_file():
-        pytest.skip("the built-in fmnist_vit_tiny weights are not installed")
-    images = tmp_path / "sample"
-    shutil.copytree(_sample_dir(), images)
-    (images / "aaa_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")  # sorts first
-    args = ["analyze", "--model", "fmnist_vit_tiny", "--images", str(images), "--limit", "10", "--batch-size", "1",
-            "--boot", "100", "--clusters", "3", "--latent-dim", "4", "--ae-epochs", "5", "--ae-min-steps", "40",
-            "--projection", "pca", "--device", "cpu", "--threads", "1", "--quiet"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    ref = subprocess.run(_cli([*args, "--out", str(tmp_path / "ref")]), env=env, capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli([*args, "--out", str(out)]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = RunStore(out).chunk_dir(0) / "chunk.json"
-    deadline = time.monotonic() + 240
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["status"] == "running"
-    done = RunStore(out).done_chunks()
-    assert 1 <= len(done) < 10, "the kill should land after the first chunk and before the last"
-    with pytest.raises(UnfinishedRunError, match="rerun the same command"):
-        open_run(out)
-
-    loud = [a for a in args if a != "--quiet"]  # progress output says what the resumed run skipped
-    again = subprocess.run(_cli([*loud, "--out", str(out)]), env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
-    assert f"resuming: {len(done)} of 10 chunks already done" in " ".join(again.stderr.split())
-    resumed, reference = open_run(out), open_run(tmp_path / "ref")
-    assert resumed.manifest["resumed"] == 1
-    assert_runs_equal(resumed, reference)
-    assert len(resumed.manifest["failures"]) == 1
-
-    # a different command on the same folder is refused with a readable message (in-process CLI)
-    from typer.testing import CliRunner
-
-    from vitscope.cli import app
-
-    changed = [*args[: args.index("--batch-size") + 1], "2", *args[args.index("--batch-size") + 2 :]]
-    other = CliRunner().invoke(app, [*changed, "--out", str(out)])
-    assert other.exit_code == 2
-    text = " ".join(other.output.split())
-    assert "different command" in text and "batch_size: 1 -> 2" in text and "--overwrite" in text
 
 
 # ----------------------------------------------------------------------------- real DeiT-Tiny

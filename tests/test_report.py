@@ -92,13 +92,3 @@ def test_importance_figure_shows_the_intervals(run):
     np.testing.assert_allclose(np.array(got), np.array(want, dtype=float), rtol=1e-9, atol=1e-12)
 
 
-def test_report_cli(run, tmp_path):
-    from typer.testing import CliRunner
-
-    from vitscope.cli import app
-
-    res = CliRunner().invoke(app, ["report", str(run.path), "--out", str(tmp_path / "r")])
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "r" / "index.html").is_file()
-    bad = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert bad.exit_code == 2 and "not a vitscope run folder" in " ".join(bad.output.split())

@@ -37,16 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
-def server_run(tmp_path_factory):
-    """A small real run of the built-in model on 16 sample images (fast settings)."""
-    from vitscope.pipeline import AnalyzeSettings
-
-    settings = AnalyzeSettings(batch_size=8, n_boot=20, curve_images=8, curve_points=2, ae_epochs=1, ae_min_steps=5, projection="pca", n_clusters=2)
-    out = tmp_path_factory.mktemp("server") / "run"
-    return vitscope.analyze("fmnist_vit_tiny", "sample", out, limit=16, settings=settings, device="cpu", progress=False)
-
-
-@pytest.fixture(scope="session")
 def vit():
     return vitscope.load_model("fmnist_vit_tiny", device="cpu")
 
@@ -518,52 +508,6 @@ def test_show_starts_reuses_and_stops_a_server(server_run):
     assert notebook.url(server_run.path) is None
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "api/run", timeout=2)
-
-
-def test_serve_refuses_a_busy_port_clearly(server_run):
-    import socket
-
-    from typer.testing import CliRunner
-
-    from vitscope.cli import app as cli
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(1)
-        port = s.getsockname()[1]
-        res = CliRunner().invoke(cli, ["serve", str(server_run.path), "--port", str(port), "--no-model"])
-    assert res.exit_code == 2, res.output
-    out = " ".join(res.output.split())
-    assert "already in use" in out and "--port" in out
-
-
-def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
-    from typer.testing import CliRunner
-
-    from vitscope.cli import app as cli
-
-    res = CliRunner().invoke(cli, ["serve", str(tmp_path), "--no-model"])
-    assert res.exit_code == 2 and "not a vitscope run folder" in " ".join(res.output.split())
-
-
-def test_demo_serves_after_the_summary_unless_no_serve(server_run, monkeypatch):
-    from typer.testing import CliRunner
-
-    import vitscope.pipeline as run_module
-    import vitscope.cli.serve as serve_module
-    from vitscope.cli import app as cli
-
-    calls: list[dict] = []
-    monkeypatch.setattr(run_module, "analyze", lambda *a, **k: server_run)
-    monkeypatch.setattr(serve_module, "serve_run", lambda run, console, **k: calls.append({"run": run, **k}))
-    res = CliRunner().invoke(cli, ["demo", "--no-serve"])
-    assert res.exit_code == 0, res.output
-    assert "Most important heads" in res.output and not calls
-    assert not (server_run.path / "report").exists()  # the static report is opt-in now
-    res = CliRunner().invoke(cli, ["demo", "--port", "9123", "--host", "127.0.0.1"])
-    assert res.exit_code == 0, res.output
-    assert len(calls) == 1 and calls[0]["run"] is server_run and calls[0]["port"] == 9123 and calls[0]["host"] == "127.0.0.1"
-    assert calls[0]["open_browser"] is False and calls[0]["vit"] is not None
 
 
 # --------------------------------------------------------------------------- synthetic run

@@ -335,66 +335,6 @@ def test_builtin_architecture_roundtrip(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
-FOLDER_ARGS = ["-a", "img_size=16", "-a", "patch_size=4", "-a", "embed_dim=16", "-a", "depth=2", "-a", "num_heads=2"]
-
-
-def test_cli_trains_on_image_folder(tmp_path):
-    from typer.testing import CliRunner
-
-    import vitscope
-    from vitscope.cli import app
-
-    write_folder(tmp_path / "data" / "train", 40, seed=0)
-    write_folder(tmp_path / "data" / "val", 10, seed=1)
-    out = tmp_path / "run"
-    args = ["train", "--arch", TINY_ARCH, "--dataset", str(tmp_path / "data"), "--out", str(out), "--epochs", "4",
-            "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "1", "--no-progress", *FOLDER_ARGS]  # fmt: skip
-    # Without augmentation a 2-layer ViT separates the classes within these few steps; the augmentation
-    # itself is checked against a direct crop-and-flip above.
-    res = CliRunner().invoke(app, [*args, "--no-augment"])
-    assert res.exit_code == 0, res.output
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["classes"] == ["check", "h", "plain", "v"]  # sorted class folders
-    assert metrics["epochs"][-1]["test_count"] == 40
-    assert metrics["final_test_accuracy"] >= 0.8, metrics["epochs"]  # chance is 0.25
-    vit = vitscope.load_model(str(out / f"{TINY_ARCH}.safetensors"), device="cpu")
-    assert vit.preprocessing.input_size == (3, 16, 16)
-    # load_model's preprocessing of the original (24x28) files gives the accuracy the loop measured.
-    files = sorted((tmp_path / "data" / "val").rglob("*.png"))
-    labels = torch.tensor([metrics["classes"].index(p.parent.name) for p in files])
-    acc = float((vit.logits(vit.preprocess(files)).argmax(-1) == labels).float().mean())
-    assert acc == pytest.approx(metrics["final_test_accuracy"])
-
-    bad = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path / "nope"), "--out", str(out)])
-    assert bad.exit_code == 2 and "unknown data set" in bad.output
-    bad = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path / "data"), "--out", str(out), "-a", "depth"])
-    assert bad.exit_code != 0 and "KEY=VALUE" in bad.output
-
-
-def test_cli_fashion_mnist_from_idx_folder_resumes(tmp_path):
-    """`--dataset fashion-mnist --data-root` reads IDX files; `--stop-after` then a plain re-run finishes the run."""
-    from typer.testing import CliRunner
-
-    from vitscope.cli import app
-
-    rng = np.random.default_rng(0)
-    (tmp_path / "idx").mkdir()
-    for split, n in (("train", 64), ("t10k", 32)):
-        write_idx(tmp_path / "idx" / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), fm.IDX_IMAGES_MAGIC)
-        write_idx(tmp_path / "idx" / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10, fm.IDX_LABELS_MAGIC)
-    args = ["train", "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "idx"), "--out", str(tmp_path / "run"),
-            "--epochs", "2", "--batch-size", "32", "--no-progress", "-a", "depth=1", "-a", "embed_dim=16"]  # fmt: skip
-    first = CliRunner().invoke(app, [*args, "--stop-after", "1"])
-    assert first.exit_code == 0, first.output
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["complete"] is False
-    second = CliRunner().invoke(app, [*args, "--progress"])
-    assert second.exit_code == 0, second.output
-    assert "resuming" in second.output and "epoch 2/2:" in second.output and "epoch 1/2:" not in second.output
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["complete"] and metrics["classes"] == fm.CLASSES and metrics["epochs"][-1]["test_count"] == 32
-    assert metrics["model"] == {"arch": "fmnist_vit_tiny", "kwargs": {"depth": 1, "embed_dim": 16, "num_classes": 10}}
-
-
 def test_folder_holdout_split(tmp_path):
     from vitscope.training import folder_splits
 

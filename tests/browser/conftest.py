@@ -69,12 +69,12 @@ def _check_built() -> None:
 # --------------------------------------------------------------------------- runs and servers
 @pytest.fixture(scope="session")
 def browser_run(tmp_path_factory) -> Path:
-    """A real run of the built-in model on 24 sample images, with patch interactions (fast settings)."""
+    """A real run of the built-in model on 24 sample images, with patch interactions and two explanation methods (fast settings)."""
     from vitscope.pipeline import AnalyzeSettings
 
     settings = AnalyzeSettings(
         batch_size=12, n_boot=50, curve_images=12, curve_points=3, ae_epochs=2, ae_min_steps=30,
-        projection="pca", n_clusters=3, interactions=True,
+        projection="pca", n_clusters=3, interactions=True, explain=("rollout", "relevance"),
     )
     out = tmp_path_factory.mktemp("browser") / "run"
     run = vitscope.analyze("fmnist_vit_tiny", "sample", out, limit=24, settings=settings, device="cpu", progress=False)

@@ -78,6 +78,31 @@ def test_partial_pruning_bars_and_top5_equal_the_library(page, open_app, browser
     shot(page, "view-head-importance-live", '[data-view="head-importance"]')
 
 
+def test_image_view_overlays_the_runs_explanation_maps(page, open_app, browser_run):
+    """The overlay is the run's stored map of the selected image: one pixel per patch, brighter where
+    the map is larger (inferno's lightness rises with the value)."""
+    from scipy.stats import spearmanr
+
+    image = int(_images(browser_run).index[5])
+    row = list(_images(browser_run).index).index(image)
+    open_app(page)
+    select(page, image=image)
+    options = page.locator('[data-role="explain-method"] option').all_inner_texts()
+    assert options[0] == "no overlay" and sorted(options[1:]) == ["relevance", "rollout"]
+    page.select_option('[data-role="explain-method"]', "relevance")
+    want = np.asarray(zarr.open_group(str(browser_run / "arrays.zarr"), mode="r")["explain/relevance"][row], dtype=float)
+    rows, cols = want.shape
+    page.wait_for_function("([c]) => document.querySelector('[data-role=\"explain-overlay\"]').width === c", arg=[cols])
+    pixels = np.asarray(page.evaluate("""() => {
+        const c = document.querySelector('[data-role="explain-overlay"]');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);
+    }"""), dtype=float).reshape(rows, cols, 4)
+    lightness = pixels[..., :3] @ np.array([0.299, 0.587, 0.114])
+    assert spearmanr(lightness.ravel(), want.ravel())[0] > 0.98
+    assert np.unravel_index(lightness.argmax(), lightness.shape) == np.unravel_index(want.argmax(), want.shape)
+    shot(page, "image-explanation-overlay", '[data-role="image-detail"]')
+
+
 def test_attention_strength_shows_the_runs_measures_and_hop_profiles(page, open_app, browser_run):
     heads = pd.read_parquet(browser_run / "heads.parquet").set_index(["layer", "head"])
     ih = pd.read_parquet(browser_run / "image_heads.parquet").set_index(["image_id", "layer", "head"])
