@@ -193,7 +193,6 @@ def test_a_chunk_without_its_checksum_list_is_redone(tmp_path, reference, monkey
 
 def test_fsync_tree_and_publish_reach_every_file_and_folder(tmp_path, monkeypatch):
     """Durability by construction: every file and folder of a published chunk was fsynced."""
-    from vitscope.store import files
 
     synced: list[str] = []
     real = os.fsync

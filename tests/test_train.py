@@ -115,7 +115,7 @@ def test_idx_reader_roundtrip(tmp_path, compress):
 
 
 def test_idx_reader_rejects_bad_files(tmp_path):
-    img, lbl = np.zeros((3, 28, 28)), np.zeros(3)
+    img = np.zeros((3, 28, 28))
     write_idx(tmp_path / "a.gz", img, fm.IDX_LABELS_MAGIC)  # labels magic on an image file
     with pytest.raises(ValueError, match="magic"):
         fm.read_idx(tmp_path / "a.gz", fm.IDX_IMAGES_MAGIC)
@@ -286,7 +286,7 @@ def test_resume_equals_uninterrupted(straight_run, tmp_path):
 
 def test_weights_file_rebuilds_model_with_load_model(straight_run, tmp_path):
     import vitscope
-    from vitscope.models.loader import META_ARCH, META_CFG
+    from vitscope.models.weights import META_ARCH, META_CFG
 
     path = straight_run.weights_path
     from safetensors import safe_open

@@ -58,7 +58,6 @@ from vitscope.core.indices import check_layer, select_layers
 from vitscope.core.stats import Welford, benjamini_hochberg, ttest_pvalues, zero_spread
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vitscope.core.layout import TokenLayout
     from vitscope.models.vit import ViT
 
 Indices = Union[None, int, Sequence[int], np.ndarray]

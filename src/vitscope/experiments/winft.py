@@ -34,10 +34,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from vitscope.core.progress import Progress, progress_for
 
 #: The three arms, in the order they are trained and reported.
 ARMS: tuple[str, ...] = ("plain", "window", "winft")
@@ -92,7 +94,7 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def accumulate_impacts(vit, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, progress: bool = True):
+def accumulate_impacts(vit, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, progress: Union[bool, Progress] = True):
     """First-order interaction impacts of ``vit`` over uint8 images ``(N, H, W)`` with their true labels,
     accumulated in an :class:`~vitscope.analysis.interaction.InteractionAccumulator`."""
     from vitscope.analysis.interaction import InteractionAccumulator, first_order_impact
@@ -100,16 +102,13 @@ def accumulate_impacts(vit, images: torch.Tensor, labels: torch.Tensor, batch_si
 
     cfg = vit.module.pretrained_cfg
     acc = InteractionAccumulator.for_model(vit)
-    t0 = time.perf_counter()
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        x = normalize((x[:, None] if x.ndim == 3 else x).to(vit.device), cfg["mean"], cfg["std"])
-        acc.update(first_order_impact(vit, x, labels[start:start + batch_size]))
-        if progress:
-            done = min(start + batch_size, len(images))
-            print(f"\rfields: {done}/{len(images)} images, {time.perf_counter() - t0:.0f} s", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    with progress_for(progress) as prog:
+        task = prog.add_task("responsive fields", total=len(images))
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size]
+            x = normalize((x[:, None] if x.ndim == 3 else x).to(vit.device), cfg["mean"], cfg["std"])
+            acc.update(first_order_impact(vit, x, labels[start:start + batch_size]))
+            prog.advance(task, len(x))
     return acc
 
 

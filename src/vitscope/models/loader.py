@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -16,48 +14,12 @@ from vitscope.models.errors import ModelLoadError, UnsupportedModelError
 from vitscope.models.preprocessing import Preprocessing
 from vitscope.models.backends.timm import timm_backend
 from vitscope.models.vit import ViT
-
-#: safetensors metadata keys vitscope writes so a single file can rebuild its model.
-META_ARCH = "vitscope.architecture"
-META_ARGS = "vitscope.model_args"
-META_CFG = "vitscope.pretrained_cfg"
-META_CLASSES = "vitscope.class_names"
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
+from vitscope.models.weights import file_sha256, read_state_dict, read_weights_metadata
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """Weights from ``.safetensors`` or a PyTorch checkpoint (``.pth``/``.pt``/``.bin``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report any unpickling failure the same way
-        raise ModelLoadError(f"could not read weights from {path}: {e}. Use a .safetensors file or a plain state_dict .pth") from e
-    for key in ("state_dict", "model", "model_ema", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise ModelLoadError(f"{path} does not hold a state_dict (found {type(obj).__name__})")
-    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -253,38 +215,22 @@ def _load_local_file(path: Path, device: Union[str, torch.device, None]) -> ViT:
         raise ModelLoadError(f"{path} is a folder without config.json; pass a model file or 'hf:<folder>'")
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ModelLoadError(
-            f"{path}: a bare .pth does not say which architecture it holds; "
-            "use load_model('<timm name>', weights='{path}') instead"
-        )
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta: dict[str, Any] = f.metadata() or {}
-    arch = meta.get(META_ARCH)
-    if not arch:
-        raise ModelLoadError(
-            f"{path} carries no vitscope architecture metadata; load it with "
-            f"load_model('<timm model name>', weights='{path}')"
-        )
+    meta = read_weights_metadata(path)
     import timm
 
     from vitscope.models import registry  # noqa: F401 - registers vitscope's timm models
 
-    args = json.loads(meta.get(META_ARGS, "{}"))
+    args = dict(meta.model_args)
     # Attention masks (WinfT, fixed windows) are buffers restored from the weights themselves; the
     # file they were first read from need not exist any more.
     for key in ("masks", "mask_file"):
         args.pop(key, None)
-    model = timm.create_model(arch, pretrained=False, **args)
-    if META_CFG in meta:
-        cfg = json.loads(meta[META_CFG])
-        model.pretrained_cfg = cfg
-        model.default_cfg = cfg
+    model = timm.create_model(meta.arch, pretrained=False, **args)
+    if meta.pretrained_cfg is not None:
+        model.pretrained_cfg = meta.pretrained_cfg
+        model.default_cfg = meta.pretrained_cfg
     _load_strict(model, read_state_dict(path), str(path))
-    names = json.loads(meta[META_CLASSES]) if META_CLASSES in meta else None
-    return wrap_timm(model, name=path.stem, spec=str(path), class_names=names, weights_sha256=file_sha256(path), device=device)
+    return wrap_timm(model, name=path.stem, spec=str(path), class_names=meta.class_names, weights_sha256=file_sha256(path), device=device)
 
 
 for _source in (

@@ -96,23 +96,14 @@ def atomic_json(obj: Any, path: Path) -> None:
 
 def save_weights(model: nn.Module, path: Union[str, Path], spec: ModelSpec, cfg: dict[str, Any], classes: Sequence[str],
                  extra: Optional[dict[str, str]] = None) -> Path:  # fmt: skip
-    """Write ``model``'s weights as safetensors with the metadata :func:`vitscope.load_model` needs."""
-    from safetensors.torch import save_file
-    from vitscope.models.loader import META_ARCH, META_ARGS, META_CFG, META_CLASSES
+    """Write ``model``'s weights as safetensors with the metadata :func:`vitscope.load_model` needs
+    (the file format is :mod:`vitscope.models.weights`'s)."""
+    from vitscope.models.weights import WeightsMetadata, write_weights
 
     spec.check_serialisable()
-    meta = {
-        META_ARCH: spec.arch,
-        META_ARGS: json.dumps(spec.kwargs),
-        META_CFG: json.dumps(cfg),
-        META_CLASSES: json.dumps(list(classes)),
-        **(extra or {}),
-    }
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return path
+    meta = WeightsMetadata(arch=spec.arch, model_args=dict(spec.kwargs), pretrained_cfg=cfg,
+                           class_names=[str(c) for c in classes], extra=dict(extra or {}))  # fmt: skip
+    return write_weights(model, path, meta)
 
 
 @dataclass

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
+
+from vitscope.core.progress import Progress, progress_for
 from vitscope.training.augment import EpochAugmentation, derive_seed, normalize
 from vitscope.training.checkpoints import (
     TrainResult,
@@ -71,7 +73,7 @@ def train(
     device: Union[str, torch.device, None] = None,
     resume: bool = True,
     stop_after: Optional[int] = None,
-    progress: bool = True,
+    progress: Union[bool, Progress] = True,
 ) -> TrainResult:
     """Train an image classifier and write checkpoints, ``metrics.json`` and ``<arch>.safetensors`` to ``out``.
 
@@ -82,7 +84,9 @@ def train(
     checkpoint in ``out`` is continued; it must come from the same model, data set and recipe.
     ``stop_after`` ends the run after that many epochs in total without finishing the schedule, as
     a time-limited job would; running again continues it. Runs data-parallel when started by
-    ``torchrun``. ``device`` defaults to CUDA when available.
+    ``torchrun``. ``device`` defaults to CUDA when available. ``progress``: ``True`` shows a bar
+    per epoch and a line per finished epoch (on the first process only), ``False`` nothing, or a
+    :class:`vitscope.core.progress.Progress` to report to.
     """
     recipe = recipe or Recipe()
     recipe.validate()
@@ -94,17 +98,15 @@ def train(
     out = Path(out)
     ctx = dist_context(device)
     try:
-        return _train(spec, dataset, out, recipe, ctx, data_root, resume, stop_after, progress)
+        with progress_for(progress if ctx.main else False) as prog:
+            return _train(spec, dataset, out, recipe, ctx, data_root, resume, stop_after, prog)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
 
 
 def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path, recipe: Recipe, ctx: DistContext,
-           data_root: Union[str, Path, None], resume: bool, stop_after: Optional[int], progress: bool) -> TrainResult:  # fmt: skip
-    from rich.console import Console
-
-    console = Console(quiet=not (ctx.main and progress))
+           data_root: Union[str, Path, None], resume: bool, stop_after: Optional[int], prog: Progress) -> TrainResult:  # fmt: skip
     t_start = time.perf_counter()
 
     # Class count first: the model's head size depends on it.
@@ -158,7 +160,7 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_states(ckpt["rng"])
         epochs_done, history, wall_before = ckpt["epoch"], ckpt["metrics"], ckpt["wall_time_s"]
-        console.print(f"[bold]resuming[/] {out_ckpt} after epoch {epochs_done}/{recipe.epochs}")
+        prog.log(f"[bold]resuming[/] {out_ckpt} after epoch {epochs_done}/{recipe.epochs}")
     elif ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         for stale in (out_ckpt, out_metrics, weights_path):
@@ -174,7 +176,7 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
     use_amp = recipe.amp and ctx.device.type == "cuda"
     eval_idx = list(range(ctx.rank, len(splits.test), ctx.world)) if splits.test is not None else None
     n_params = sum(p.numel() for p in net.parameters())
-    console.print(
+    prog.log(
         f"[bold]train[/] {spec.arch} ({n_params:,} parameters, input {'x'.join(map(str, cfg['input_size']))}) on "
         f"{dataset_name}: {len(splits.train)} train / {len(splits.test) if splits.test is not None else 0} test images, "
         f"{len(classes)} classes, {ctx.world} process(es) on {ctx.device}, {steps_per_epoch} steps/epoch"
@@ -190,25 +192,25 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
         ddp.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         seen = 0
-        with _progress(console, progress and ctx.main) as bar:
-            task = bar.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=steps_per_epoch, loss=float("nan"))
-            for step, (x, y, idx) in enumerate(loader):
-                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-                if aug is not None:
-                    x = aug.apply(x, idx)
-                x = normalize(x, cfg["mean"], cfg["std"])
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = criterion(ddp(x).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if recipe.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach().double() * len(y)
-                seen += len(y)
-                if step % 10 == 0 or step == steps_per_epoch - 1:
-                    bar.update(task, completed=step + 1, loss=float(loss_sum) / seen)
+        epoch_name = f"epoch {epoch + 1}/{recipe.epochs}"
+        task = prog.add_task(epoch_name, total=steps_per_epoch)
+        for step, (x, y, idx) in enumerate(loader):
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            if aug is not None:
+                x = aug.apply(x, idx)
+            x = normalize(x, cfg["mean"], cfg["std"])
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = criterion(ddp(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), recipe.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach().double() * len(y)
+            seen += len(y)
+            if step % 10 == 0 or step == steps_per_epoch - 1:
+                prog.update(task, completed=step + 1, description=f"{epoch_name} loss {float(loss_sum) / seen:.4f}")
         train_loss_sum, train_seen = ctx.all_sum([float(loss_sum), float(seen)])
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss_sum / train_seen, "lr": scheduler.get_last_lr()[0]}
         if splits.test is not None:
@@ -222,7 +224,7 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
         row["wall_time_s"] = wall_before + (time.perf_counter() - t_start)
         history.append(row)
         acc = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else "n/a"
-        console.print(f"epoch {epoch + 1}/{recipe.epochs}: train loss {row['train_loss']:.4f}, test accuracy {acc}, "
+        prog.log(f"epoch {epoch + 1}/{recipe.epochs}: train loss {row['train_loss']:.4f}, test accuracy {acc}, "
                       f"{row['epoch_time_s']:.1f} s")  # fmt: skip
         if ctx.main:
             atomic_save({
@@ -240,7 +242,7 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
     if complete and ctx.main:
         save_weights(net, weights_path, spec, cfg, classes)
         atomic_json(metrics, out_metrics)
-        console.print(f"[bold green]done[/]: {weights_path} (test accuracy "
+        prog.log(f"[bold green]done[/]: {weights_path} (test accuracy "
                       f"{history[-1]['test_accuracy'] if history[-1]['test_accuracy'] is not None else 'n/a'})")  # fmt: skip
     ctx.barrier()
     return TrainResult(out, weights_path if complete else None, metrics, net, complete)
@@ -261,19 +263,3 @@ def _metrics(spec: ModelSpec, recipe: Recipe, dataset: str, classes: Sequence[st
         "final_test_accuracy": history[-1]["test_accuracy"] if history and complete else None,
         "wall_time_s": history[-1]["wall_time_s"] if history else 0.0,
     }
-
-
-def _progress(console, enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled, transient=True,
-    )  # fmt: skip

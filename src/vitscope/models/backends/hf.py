@@ -444,7 +444,7 @@ def load_hf(source: str, weights: Union[str, Path, None] = None, device: Union[s
     sha = None
     folder = Path(source)
     if folder.is_dir():
-        from vitscope.models.loader import file_sha256
+        from vitscope.models.weights import file_sha256
 
         files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
         sha = file_sha256(files[0]) if len(files) == 1 else None
