@@ -36,7 +36,7 @@ def _explain_methods(text: Optional[str]) -> tuple[str, ...]:
 @app.command()
 def analyze(
     model: str = typer.Option(..., "--model", "-m", help="timm name, hf:<id or folder>, built-in name (fmnist_vit_tiny), or a vitscope .safetensors file"),
-    images: str = typer.Option(..., "--images", "-i", help="image folder (class sub-folders or labels.csv are picked up), or 'sample' for the embedded sample"),
+    images: str = typer.Option(..., "--images", "-i", help="image folder (class sub-folders or labels.csv are picked up), WebDataset shards ('shards/*.tar'), a Hugging Face dataset saved on disk (folder, .arrow or .parquet), or 'sample' for the embedded sample"),
     out: Path = typer.Option(..., "--out", "-o", help="run folder to write (or resume)"),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="weights file (.safetensors or .pth) for a timm name"),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="CSV with a 'path' column and a 'label' or 'class_index' column"),

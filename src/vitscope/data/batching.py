@@ -17,7 +17,7 @@ from typing import (
 import torch
 from PIL import Image
 
-from vitscope.data.decode import open_image
+from vitscope.data.containers import open_record
 from vitscope.data.records import (
     Batch,
     ImageError,
@@ -44,15 +44,15 @@ def _load_one(record: ImageRecord, preprocess: Preprocess, max_pixels: Optional[
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            img = open_image(record.path, max_pixels=max_pixels)
+            img = open_record(record, max_pixels=max_pixels)
         except ImageError as e:
             return None, e.reason, _caught(caught)
         try:
             x = preprocess(img)
         except Exception as e:
-            raise RuntimeError(f"preprocessing {record.path} failed: {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"preprocessing {record.location} failed: {type(e).__name__}: {e}") from e
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"preprocess must return a torch.Tensor, got {type(x).__name__} for {record.path}")
+        raise TypeError(f"preprocess must return a torch.Tensor, got {type(x).__name__} for {record.location}")
     return x, None, _caught(caught)
 
 
@@ -153,9 +153,9 @@ def iter_batches(
             warnings.warn(message, category, stacklevel=2)
         if x is None:
             reason = reason or "unknown error"
-            warnings.warn(f"skipped image {rec.path}: {reason}", VitscopeDataWarning, stacklevel=2)
+            warnings.warn(f"skipped image {rec.location}: {reason}", VitscopeDataWarning, stacklevel=2)
             if failures is not None:
-                failures.append((str(rec.path), reason))
+                failures.append((rec.location, reason))
             if on_failure is not None:
                 on_failure(rec, reason)
             continue
@@ -172,7 +172,7 @@ def _make_batch(items: list[tuple[ImageRecord, torch.Tensor]]) -> Batch:
     for rec, x in items:
         if x.shape != shape:
             raise ValueError(
-                f"preprocess gave {rec.path} shape {tuple(x.shape)} but {items[0][0].path} shape {tuple(shape)}; "
+                f"preprocess gave {rec.location} shape {tuple(x.shape)} but {items[0][0].location} shape {tuple(shape)}; "
                 "the preprocessing must resize/crop every image to one size"
             )
     recs = [r for r, _ in items]

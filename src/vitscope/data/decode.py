@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import stat
@@ -72,20 +73,37 @@ def open_image(path: PathLike, max_pixels: Optional[float] = None) -> Image.Imag
     # The file is opened here, not by Pillow, so that an OSError from Pillow is always about the
     # data (e.g. a seek before the start of a short file), never mistaken for a permission problem.
     with fh:
-        with warnings.catch_warnings():
-            # Pillow's own bomb check warns between 1x and 2x its limit; make every over-limit image an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _pillow_pixel_limit(limit):
-                im = _decode(p, fh, limit)
-        with im:
-            try:
-                img = _to_standard_mode(p, _apply_exif_orientation(p, im))
-            except ImageError:
-                raise
-            except (OSError, ValueError) as e:
-                raise ImageError(p, f"corrupt image data ({e or type(e).__name__})") from None
-            if img is im:
-                img = im.copy()  # detach from the file closed on exit
+        return _decode_stream(p, fh, limit)
+
+
+def open_image_bytes(data: bytes, name: str, max_pixels: Optional[float] = None) -> Image.Image:
+    """Decode one encoded image held in memory (a WebDataset member, a dataset row) like :func:`open_image`.
+
+    ``name`` says where the bytes came from (``"shard-0003.tar::n01440764_10026.jpg"``); every
+    :class:`ImageError` names it. The same conversions, limits and refusals apply as for a file.
+    """
+    if not data:
+        raise ImageError(name, "empty image (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    return _decode_stream(Path(name), io.BytesIO(data), limit)
+
+
+def _decode_stream(p: Path, fh: BinaryIO, limit: Optional[float]) -> Image.Image:
+    """Decode the open image ``fh`` (named ``p``) into a standard-mode PIL image detached from ``fh``."""
+    with warnings.catch_warnings():
+        # Pillow's own bomb check warns between 1x and 2x its limit; make every over-limit image an error.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _pillow_pixel_limit(limit):
+            im = _decode(p, fh, limit)
+    with im:
+        try:
+            img = _to_standard_mode(p, _apply_exif_orientation(p, im))
+        except ImageError:
+            raise
+        except (OSError, ValueError) as e:
+            raise ImageError(p, f"corrupt image data ({e or type(e).__name__})") from None
+        if img is im:
+            img = im.copy()  # detach from the file closed on exit
     return img
 
 

@@ -47,11 +47,23 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image of a set: ``image_id`` is its position in the set, ``label`` its class index or ``None``."""
+    """One image of a set: ``image_id`` is its position in the set, ``label`` its class index or ``None``.
+
+    ``path`` is the image file, or for an image stored inside a container (a WebDataset ``.tar``
+    shard, an Arrow or Parquet file of a Hugging Face dataset) that container, with ``member``
+    naming the image in it (the tar member's name, or the row number as text). ``(path, member)``
+    is the image's stable identity across runs.
+    """
 
     image_id: int
     path: Path
     label: Optional[int] = None
+    member: Optional[str] = None
+
+    @property
+    def location(self) -> str:
+        """``path``, or ``path::member`` for an image inside a container (for messages and tables)."""
+        return str(self.path) if self.member is None else f"{self.path}::{self.member}"
 
 
 @dataclass
@@ -107,10 +119,11 @@ class ImageSet:
         return self.label_names.get(label)
 
     def to_frame(self) -> Any:
-        """A pandas DataFrame with columns ``image_id, path, label, label_name`` (missing labels are ``<NA>``)."""
+        """A pandas DataFrame with columns ``image_id, path, label, label_name`` (missing labels are
+        ``<NA>``), plus ``member`` when some image lives inside a container file."""
         import pandas as pd
 
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "image_id": pd.Series([r.image_id for r in self.records], dtype="int64"),
                 "path": pd.Series([str(r.path) for r in self.records], dtype="object"),
@@ -118,6 +131,9 @@ class ImageSet:
                 "label_name": pd.Series([self.label_name(r.label) for r in self.records], dtype="object"),
             }
         )
+        if any(r.member is not None for r in self.records):
+            frame.insert(2, "member", pd.Series([r.member for r in self.records], dtype="object"))
+        return frame
 
 
 @dataclass

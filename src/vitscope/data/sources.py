@@ -21,6 +21,7 @@ from typing import (
 
 import numpy as np
 
+from vitscope.data.containers import container_files, load_container_images
 from vitscope.data.records import (
     DataError,
     ImageRecord,
@@ -59,6 +60,10 @@ def load_images(
       ``0``, ``1``, ... are class indices. A ``labels.csv``
       directly inside the folder is used as ``labels`` when none is given.
     - a single image file, or a list of files (kept in the given order).
+    - images inside containers: WebDataset ``.tar`` shards (a file, a list, a glob pattern such as
+      ``"shards/train-*.tar"``, or a folder of shards) and Hugging Face datasets on disk (a
+      ``Dataset.save_to_disk`` folder, ``.arrow`` or ``.parquet`` files); labels then come from the
+      data (see :mod:`vitscope.data.containers`) and each record's ``member`` names the image.
     - ``None`` or the string ``"sample"``: the embedded sample (:func:`embedded_sample`), or when
       ``labels`` is a CSV file, the images that file lists (in its row order).
 
@@ -78,6 +83,9 @@ def load_images(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive whole number of images, got {limit!r}")
     names = list(class_names) if class_names is not None else None
+    shards = container_files(source)
+    if shards is not None:
+        return load_container_images(shards, labels, limit, names)
 
     if source is None and labels is not None:
         if not _is_pathlike(labels):

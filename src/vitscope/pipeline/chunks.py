@@ -72,8 +72,8 @@ def run_chunks(ctx: RunContext, prog: Progress) -> None:
         failures: list[dict[str, Any]] = []
 
         def on_failure(rec: "ImageRecord", reason: str) -> None:
-            failures.append({"image_id": rec.image_id, "path": str(rec.path), "reason": reason, "stage": "decode"})
-            prog.log(f"skipped {rec.path}: {reason}")
+            failures.append({"image_id": rec.image_id, "path": rec.location, "reason": reason, "stage": "decode"})
+            prog.log(f"skipped {rec.location}: {reason}")
 
         with ctx.clock("decode"):
             batches = ctx.decode(records, on_failure)
@@ -105,7 +105,11 @@ def write_chunk(ctx: RunContext, index: int, records: Sequence["ImageRecord"], b
     if images is not None:
         by_id = {r.image_id: r for r in records}
         images.insert(1, "path", [str(by_id[i].path) for i in images["image_id"]])
-        images.insert(2, "label", pd.array([by_id[i].label for i in images["image_id"]], dtype="Int64"))
+        column = 2
+        if any(r.member is not None for r in records):
+            images.insert(column, "member", [by_id[i].member for i in images["image_id"]])
+            column += 1
+        images.insert(column, "label", pd.array([by_id[i].label for i in images["image_id"]], dtype="Int64"))
         tables = {"images": images, "image_heads": image_heads}
     meta = {
         "chunk": index,

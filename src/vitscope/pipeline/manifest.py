@@ -20,7 +20,7 @@ def check_labels(image_set: "ImageSet", vit: "ViT") -> None:
     for rec in image_set.records:
         if rec.label is not None and not 0 <= rec.label < n:
             raise ValueError(
-                f"image {rec.path} has label {rec.label}, but {vit.name} has {n} classes (0..{n - 1}); "
+                f"image {rec.location} has label {rec.label}, but {vit.name} has {n} classes (0..{n - 1}); "
                 "check that the labels file uses the model's class indices"
             )
 
@@ -44,7 +44,8 @@ def run_manifest(
 ) -> dict[str, Any]:
     """The manifest of a run of ``vit`` over ``image_set`` with ``settings``, starting now."""
     records = [
-        {"image_id": r.image_id, "path": str(r.path), "label": r.label, "size": _file_size(Path(r.path))}
+        {"image_id": r.image_id, "path": str(r.path), "label": r.label, "size": _file_size(Path(r.path)),
+         **({"member": r.member} if r.member is not None else {})}
         for r in image_set.records
     ]
     state_sha = vit.state_sha256()

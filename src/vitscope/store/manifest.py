@@ -108,7 +108,8 @@ def new_run_manifest(
 
     Args:
         model: what the run records about its model (spec, layout, preprocessing, class names ...).
-        images: the image list (``source``, ``records`` of ``image_id, path, label, size`` ...).
+        images: the image list (``source``, ``records`` of ``image_id, path, label, size`` and, for
+            an image inside a container file, ``member`` ...).
         settings: the analysis settings, as plain values.
         model_identity: the parts of ``model`` that decide every number (spec, weight hashes,
             dtype, device type): the fingerprint covers these, the image records and the settings.
@@ -117,7 +118,9 @@ def new_run_manifest(
     fp, parts = fingerprint(
         {
             "model": dict(model_identity),
-            "images": [[r["image_id"], r["path"], r["label"], r["size"]] for r in records],
+            # An image inside a container adds its member; file images keep their old fingerprint.
+            "images": [[r["image_id"], r["path"], r["label"], r["size"], *([r["member"]] if r.get("member") is not None else [])]
+                       for r in records],
             "settings": dict(settings),
         }
     )
