@@ -23,6 +23,12 @@ Region = Union[str, torch.Tensor]
 MaskSpec = Mapping[tuple[int, Optional[int]], Region]
 
 
+def regions_for(layout: "TokenLayout") -> tuple[str, ...]:
+    """The regions that exist for ``layout``, in :data:`REGIONS` order: all five with a CLS token;
+    ``"all"`` and ``"patch"`` for a model without one (SigLIP-style models that pool patches)."""
+    return REGIONS if layout.cls_index is not None else tuple(r for r in REGIONS if not r.startswith("cls"))
+
+
 def region_matrix(region: str, layout: "TokenLayout") -> torch.Tensor:
     """Boolean ``(T, T)`` matrix, True where ``region`` prunes (rows: queries, columns: keys).
 
@@ -31,6 +37,13 @@ def region_matrix(region: str, layout: "TokenLayout") -> torch.Tensor:
     - ``"patch"``: the patch->patch block (patch queries attending to patch keys).
     - ``"cls_cross"``: the CLS row and column without the CLS->CLS cell.
     - ``"cls_self"``: the CLS->CLS cell only.
+
+    With other prefix tokens (DeiT's distillation token, register tokens) the regions stay exactly
+    these cells: the ``cls*`` regions touch only the CLS token's row and column (so they do include
+    the CLS<->distillation and CLS<->register cells, and nothing else of those tokens' rows and
+    columns), and ``"patch"`` is only patch queries x patch keys (no prefix token's row or column).
+    The distillation and register tokens' own rows and columns are pruned only by ``"all"`` or a
+    boolean mask. A model without a CLS token has ``"all"`` and ``"patch"`` (:func:`regions_for`).
     """
     T = layout.num_tokens
     m = torch.zeros(T, T, dtype=torch.bool)
