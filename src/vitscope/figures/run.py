@@ -153,26 +153,35 @@ def _strength_columns(heads: pd.DataFrame, measure: str) -> tuple[np.ndarray, np
     )
 
 
-def fig_entropy(run: "Run") -> "Figure":
-    """Head entropy by layer (the paper's strip plot): low = local/self heads, ln G = distance-agnostic."""
+def _strip_by_layer(run: "Run", measure: str, ylabel: str, title: str, reference: "tuple[float, str] | None" = None) -> "Figure":
+    """One dot per head at its layer (heads side by side), its mean over images and interquartile
+    range; ``reference`` = ``(value, label)`` draws a dashed horizontal line (before the limits are
+    fixed, so the line is always in view)."""
     heads = run.heads
     L, H = run.num_layers, run.num_heads
-    mean, q25, q75 = _strength_columns(heads, "entropy")
+    mean, q25, q75 = _strength_columns(heads, measure)
     layer = heads["layer"].to_numpy()
     jitter = (heads["head"].to_numpy() - (H - 1) / 2) / max(H, 1) * 0.5
-    G = max(run.manifest["model"]["layout"]["grid"])
     fig = _new_figure(7.5, 4.2)
     ax = fig.subplots()
     ax.vlines(layer + jitter, q25, q75, color="0.7", lw=1, label="interquartile range over images")
     ax.scatter(layer + jitter, mean, s=18, c=[_layer_colors(L)[l] for l in layer], zorder=3, label="head (mean over images)")
-    ax.axhline(math.log(G), color="C3", ls="--", lw=1, label=f"uniform over distance (ln {G} = {math.log(G):.2f})")
+    if reference is not None:
+        ax.axhline(reference[0], color="C3", ls="--", lw=1, label=reference[1])
     ax.set_xlabel("layer")
-    ax.set_ylabel("hop-distance entropy (nats)")
+    ax.set_ylabel(ylabel)
     ax.set_xticks(range(L))
     ax.set_ylim(bottom=0)
-    ax.set_title("Attention strength: entropy of every head by layer")
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
     return fig
+
+
+def fig_entropy(run: "Run") -> "Figure":
+    """Head entropy by layer (the paper's strip plot): low = local/self heads, ln G = distance-agnostic."""
+    G = max(run.manifest["model"]["layout"]["grid"])
+    return _strip_by_layer(run, "entropy", "hop-distance entropy (nats)", "Attention strength: entropy of every head by layer",
+                           reference=(math.log(G), f"uniform over distance (ln {G} = {math.log(G):.2f})"))
 
 
 def fig_hop_profiles(run: "Run") -> "Figure":
@@ -205,22 +214,7 @@ def fig_hop_profiles(run: "Run") -> "Figure":
 
 def fig_mean_distance(run: "Run") -> "Figure":
     """Mean attention distance in pixels by layer (Dosovitskiy et al. 2021, Fig. 7)."""
-    heads = run.heads
-    L, H = run.num_layers, run.num_heads
-    mean, q25, q75 = _strength_columns(heads, "mean_distance")
-    layer = heads["layer"].to_numpy()
-    jitter = (heads["head"].to_numpy() - (H - 1) / 2) / max(H, 1) * 0.5
-    fig = _new_figure(7.5, 4.2)
-    ax = fig.subplots()
-    ax.vlines(layer + jitter, q25, q75, color="0.7", lw=1, label="interquartile range over images")
-    ax.scatter(layer + jitter, mean, s=18, c=[_layer_colors(L)[l] for l in layer], zorder=3, label="head (mean over images)")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean attention distance (pixels)")
-    ax.set_xticks(range(L))
-    ax.set_ylim(bottom=0)
-    ax.set_title("How far each head looks")
-    ax.legend(fontsize=8, loc="lower right")
-    return fig
+    return _strip_by_layer(run, "mean_distance", "mean attention distance (pixels)", "How far each head looks")
 
 
 def fig_pattern_embedding(run: "Run", kind: str) -> "Figure":
