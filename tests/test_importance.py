@@ -121,6 +121,187 @@ def test_layer_change_matches_direct_deit(deit_tiny, deit_batch, deit_sweep):
         np.testing.assert_allclose(deit_sweep["layer_rel_l2"][:, l, h], rel, rtol=1e-4, atol=1e-7)
 
 
+# ------------------------------------------------------------------ sweep shortcuts, model by model
+def _randomised(model: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Random weights everywhere (libraries zero-initialise biases and the like), so pruning a head
+    changes the outputs noticeably and an equality test has something to compare."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def _timm_model(kind: str):
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(4)
+    kw = dict(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
+    if kind == "timm-distilled":  # CLS + distillation token, read out by two heads
+        return _randomised(VisionTransformerDistilled(**kw), 0.02)
+    if kind == "timm-avg":  # global average pooling: the last block's every token is read
+        return _randomised(VisionTransformer(**kw, global_pool="avg", class_token=True), 0.02)
+    if kind == "timm-layerscale":  # layer scale and q/k norm on the split path
+        return _randomised(VisionTransformer(**kw, init_values=0.5, qk_norm=True), 0.02)
+    raise KeyError(kind)
+
+
+def _hf_model(kind: str):
+    import transformers as tr
+
+    torch.manual_seed(4)
+    c = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
+    if kind == "hf-vit":
+        return _randomised(tr.ViTForImageClassification(tr.ViTConfig(**c)), 0.3)
+    if kind == "hf-deit-distilled":
+        return _randomised(tr.DeiTForImageClassificationWithTeacher(tr.DeiTConfig(**c)), 0.3)
+    raise KeyError(kind)
+
+
+#: model -> (tokens its readout reads, or None for the whole last block)
+SWEEP_MODELS = {"timm-distilled": 2, "timm-avg": None, "timm-layerscale": 1, "hf-vit": 1, "hf-deit-distilled": 2}
+
+
+@pytest.fixture(scope="module", params=list(SWEEP_MODELS))
+def sweep_model(request):
+    import vitscope
+
+    kind = request.param
+    model = _hf_model(kind) if kind.startswith("hf") else _timm_model(kind)
+    return kind, vitscope.load_model(model, device="cpu")
+
+
+def _attention_module(block: torch.nn.Module) -> torch.nn.Module:
+    return block.attn if hasattr(block, "attn") else block.attention
+
+
+def _output_projection(block: torch.nn.Module) -> torch.nn.Module:
+    """The attention's output projection, found by the library's own names."""
+    att = _attention_module(block)
+    return att.proj if hasattr(att, "proj") else att.o_proj
+
+
+def _library_forward(vit, x: torch.Tensor, prune: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The library's own forward of the model (vitscope idle, no plan), with head ``prune = (l, h)``
+    removed by zeroing its slice of the context where it enters the output projection: the logits
+    and every block's output."""
+    blocks = vit.backend.blocks
+    outs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o)) for b in blocks]
+    if prune is not None:
+        l, h = prune
+        d = _output_projection(blocks[l]).in_features // vit.num_heads
+
+        def zero_slice(_m, args):
+            ctx = args[0].clone()
+            ctx[..., h * d : (h + 1) * d] = 0
+            return (ctx, *args[1:])
+
+        hooks.append(_output_projection(blocks[l]).register_forward_pre_hook(zero_slice))
+    try:
+        with torch.no_grad():
+            out = vit.module(x) if vit.library == "timm" else vit.module(pixel_values=x).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, outs
+
+
+def test_sweep_shortcuts_match_naive(sweep_model, rand_x):
+    """Every model family and readout: the sweep equals one full masked forward per head."""
+    kind, vit = sweep_model
+    targets = [1, -1, 3, 0, -1]
+    naive = head_sweep_naive(vit, rand_x, targets)
+    # pruning does something on these weights, so the equality below is not vacuous
+    assert np.abs(naive["pruned_prob"] - naive["base_prob"][:, None, None]).max() > 1e-3
+    for chunk in (None, 3):  # 3 does not divide B * H: chunks straddle images
+        _assert_sweeps_equal(head_sweep(vit, rand_x, targets, chunk=chunk), naive)
+    _assert_sweeps_equal(head_sweep(vit, rand_x, targets, shortcuts=False), naive)
+
+
+def test_sweep_layer_change_matches_library_forward(sweep_model, rand_x):
+    """``layer_change`` / ``layer_rel_l2`` and the pruned probability against the library's own
+    forward with the head's context slice zeroed, block outputs read by hooks."""
+    _, vit = sweep_model
+    x = rand_x[:3]
+    sweep = head_sweep(vit, x, chunk=4)
+    base_logits, base_outs = _library_forward(vit, x)
+    target = base_logits.argmax(-1)
+    for l in range(vit.num_layers):
+        base = base_outs[l].double().flatten(1)
+        for h in range(vit.num_heads):
+            logits, outs = _library_forward(vit, x, (l, h))
+            pruned = outs[l].double().flatten(1)
+            change = 1 - F.cosine_similarity(pruned, base, dim=1)
+            rel = (pruned - base).norm(dim=1) / base.norm(dim=1)
+            np.testing.assert_allclose(sweep["layer_change"][:, l, h], change.numpy(), rtol=1e-3, atol=1e-9)
+            np.testing.assert_allclose(sweep["layer_rel_l2"][:, l, h], rel.numpy(), rtol=1e-4, atol=1e-9)
+            prob = logits.double().softmax(-1)[torch.arange(3), target]
+            np.testing.assert_allclose(sweep["pruned_prob"][:, l, h], prob.numpy(), atol=1e-5, rtol=0)
+    assert sweep["layer_change"].min() > 0
+
+
+def _rows_through_attention(vit, fn) -> list[int]:
+    """How many images (rows) pass through each block's attention module while ``fn`` runs."""
+    rows = [0] * vit.num_layers
+    hooks = [
+        _attention_module(b).register_forward_pre_hook(lambda _m, args, _i=i: rows.__setitem__(_i, rows[_i] + args[0].shape[0]))
+        for i, b in enumerate(vit.backend.blocks)
+    ]
+    try:
+        fn()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
+def test_sweep_skips_the_attention_that_pruning_leaves_unchanged(sweep_model, rand_x):
+    """The pruned layer never runs its attention again (only its post-attention half), and with a
+    CLS readout neither does the last block for heads pruned below it; a global-average readout
+    runs the last block whole. Whole blocks (``shortcuts=False``) run every block from the pruned one on."""
+    kind, vit = sweep_model
+    L, H, B = vit.num_layers, vit.num_heads, rand_x.shape[0]
+    assert vit.readout_tokens() == SWEEP_MODELS[kind]
+    assert all(vit.output_projection(l) is not None for l in range(L))
+    fast = _rows_through_attention(vit, lambda: head_sweep(vit, rand_x))
+    whole = _rows_through_attention(vit, lambda: head_sweep(vit, rand_x, shortcuts=False))
+    # block j: the recording forward (B rows) plus the B * H rows of every layer pruned before j ...
+    want = [B + j * B * H for j in range(L)]
+    if SWEEP_MODELS[kind] is not None:
+        want[L - 1] = B  # ... except the last block, which only computes the readout tokens' rows there
+    assert fast == want
+    assert whole == [B + (j + 1) * B * H for j in range(L)]
+
+
+def test_run_block_queries_equals_the_whole_block(sweep_model, rand_x):
+    _, vit = sweep_model
+    _, outs = _library_forward(vit, rand_x)
+    for n in (1, 2, vit.num_tokens):
+        got = vit.run_block_queries(vit.num_layers - 1, outs[-2], n)
+        torch.testing.assert_close(got, outs[-1][:, :n], atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="unpruned"):
+        with vit.intervene({vit.num_layers - 1: LayerPlan(head_gate=torch.ones(vit.num_heads))}):
+            vit.run_block_queries(vit.num_layers - 1, outs[-2], 1)
+
+
+def test_sweep_falls_back_where_blocks_cannot_be_split(rand_x):
+    """A sub-LN between the heads' contexts and the projection (timm ``scale_attn_norm``) mixes the
+    heads, so pruning one is no subtraction there: the sweep runs those blocks whole, still exact."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import vitscope
+
+    torch.manual_seed(6)
+    m = VisionTransformer(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, scale_attn_norm=True)
+    vit = vitscope.load_model(_randomised(m, 0.02), device="cpu")
+    assert [vit.output_projection(l) for l in range(3)] == [None] * 3 and vit.readout_tokens() == 1
+    naive = head_sweep_naive(vit, rand_x)
+    _assert_sweeps_equal(head_sweep(vit, rand_x), naive)
+    B, H = rand_x.shape[0], vit.num_heads
+    assert _rows_through_attention(vit, lambda: head_sweep(vit, rand_x)) == [B + (j + 1) * B * H for j in range(2)] + [B + B * H]
+
+
 def test_sweep_rejects_bad_targets(random_vit, rand_x):
     with pytest.raises(ValueError, match="class indices"):
         head_sweep(random_vit, rand_x, [0, 1, 2, 3, 99])

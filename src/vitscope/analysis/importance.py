@@ -9,7 +9,8 @@ Per batch of images (a driver calls these batch by batch and stores the arrays):
 
 - :func:`head_sweep`: prune every head alone and record the target probability, loss, correctness
   and how much the pruned block's output changed. Exact and fast: the layers before the pruned one
-  are run once and shared (about ``H * (L + 1) / 2 + 1`` forward passes instead of ``L * H``).
+  are run once and shared, the pruned layer reuses its recorded attention, and a CLS readout's last
+  block computes only the CLS row (about 17 forward passes for DeiT-Tiny instead of ``L * H = 36``).
 - :func:`head_sweep_naive`: the same numbers from one full forward per head (the reference).
 - :func:`taylor_importance`: the mask-gradient importance of Michel et al. (2019), one forward and
   one backward pass.
@@ -64,17 +65,22 @@ def _check_head(vit: "ViT", layer: int, head: int) -> None:
 def _stream_change(pruned: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(1 - cosine, relative L2)`` between block outputs, per image over all tokens x channels.
 
-    ``1 - cos`` is computed as ``||p/|p| - b/|b|||^2 / 2`` (the same quantity) because ``1 - cos``
-    of two nearly parallel vectors cancels to zero in floating point while their normalised
-    difference does not; float64 keeps small effects resolvable.
+    ``1 - cos`` is ``||p/|p| - b/|b|||^2 / 2`` because ``1 - p.b / (|p||b|)`` of two nearly parallel
+    vectors cancels to zero in floating point while their normalised difference does not. It is
+    evaluated as ``(|d| - (|p| - |b|)) (|d| + (|p| - |b|)) / (2 |p| |b|)`` with ``d = p - b`` (the
+    same quantity), in float64 from the exact difference, so small effects stay resolvable at the
+    cost of three norms instead of normalising both outputs element by element (which cost the
+    sweep about half a forward pass).
     """
-    p = pruned.reshape(pruned.shape[0], -1).double()
-    b = base.reshape(base.shape[0], -1).double()
-    pn = p.norm(dim=1, keepdim=True)
-    bn = b.norm(dim=1, keepdim=True)
-    change = 0.5 * (p / pn - b / bn).pow(2).sum(dim=1)
-    rel = (p - b).norm(dim=1) / bn.squeeze(1)
-    return change, rel
+    n = pruned.shape[0]
+    p = pruned.reshape(n, -1)
+    b = base.reshape(n, -1)
+    pn = torch.linalg.vector_norm(p, dim=1, dtype=torch.float64)
+    bn = torch.linalg.vector_norm(b, dim=1, dtype=torch.float64)
+    dn = torch.linalg.vector_norm(p.double() - b.double(), dim=1)
+    gap = pn - bn
+    change = (dn - gap) * (dn + gap) / (2 * pn * bn)
+    return change, dn / bn
 
 
 def _record_stream(vit: "ViT", h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -86,8 +92,17 @@ def _record_stream(vit: "ViT", h: torch.Tensor) -> tuple[list[torch.Tensor], tor
 
 
 # --------------------------------------------------------------------------- 1. head sweep
+def _head_weights(proj: torch.nn.Linear, num_heads: int) -> torch.Tensor:
+    """``proj.weight`` split by head as ``(H, d_head, D_out)``: ``ctx_h @ W[h]`` is head ``h``'s
+    share of ``proj(ctx)`` (without the bias)."""
+    w = proj.weight
+    return w.reshape(w.shape[0], num_heads, w.shape[1] // num_heads).permute(1, 2, 0).contiguous()
+
+
 @torch.no_grad()
-def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[int] = None) -> dict[str, np.ndarray]:
+def head_sweep(
+    vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[int] = None, shortcuts: bool = True
+) -> dict[str, np.ndarray]:
     """Prune each head of each layer alone and measure the effect on every image of a batch.
 
     Args:
@@ -99,6 +114,9 @@ def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[i
             call is as large and as cache-friendly as the plain forward of the batch (about 20%
             faster than ``B * H`` rows for DeiT-Tiny on one core), and all ``B * H`` rows on an
             accelerator, where larger launches pay. Lower it to bound memory.
+        shortcuts: use the pruned layer's recorded attention and the readout-only last block
+            (below) where the model allows; ``False`` runs whole blocks everywhere (same numbers,
+            slower; for comparison).
 
     Returns a dict of numpy arrays (``B`` images, ``L`` layers, ``H`` heads, ``C`` classes):
 
@@ -111,15 +129,48 @@ def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[i
       how much the head changes the residual stream leaving its own block (0 = unchanged);
     - ``layer_rel_l2 (B, L, H)``: ``||pruned - unpruned|| / ||unpruned||`` of the same outputs.
 
-    How: one unpruned forward records each block's input and output. For layer ``l`` the block
-    input is replicated once per head, each copy with a different head gated off, and only blocks
-    ``l..L-1`` are run. Exactly the same numbers as :func:`head_sweep_naive`, at a cost of about
-    ``H * (L + 1) / 2 + 1`` forward passes of the batch instead of ``L * H``.
+    How: one unpruned forward records each block's input and output and, for the blocks with a
+    separable output projection (:meth:`ViT.output_projection`), the heads' contexts entering it.
+    For layer ``l`` the batch is replicated once per head, each copy with a different head pruned,
+    and only what pruning can change is run:
+
+    - block ``l`` itself is not re-run up to its attention output: the unpruned context is reused
+      and the pruned head's share is subtracted through the projection,
+      ``proj(ctx with head h zeroed) = proj(ctx) - ctx_h @ W_proj[:, h]^T``; then the rest of the
+      block (:meth:`ViT.finish_block`: residual, layer scale, norm, MLP) runs. No q/k/v or softmax.
+      Blocks without such a projection (a sub-LN over all heads, talking heads, other families)
+      run whole with the head gated off;
+    - blocks ``l+1..L-2`` run whole;
+    - for ``l < L - 1`` the last block computes only what the readout reads
+      (:meth:`ViT.readout_tokens`: the CLS token, or CLS + distillation token for DeiT's distilled
+      models): keys and values of every token, queries, attention and MLP of those tokens only
+      (:meth:`ViT.run_block_queries`). Readouts that pool over patches (``global_pool='avg'``,
+      attention pooling, HF CLIP / SigLIP / DINOv2 / BEiT readouts) run the last block whole, as do
+      backends that cannot run a subset of queries. For ``l = L - 1`` block ``l``'s whole output is
+      needed for ``layer_change``, so only the first saving applies.
+
+    Exactly the same numbers as :func:`head_sweep_naive` (up to float rounding), at a cost of about
+    ``1 + H * ((L - 1) * (L - 2) / 2 + L * (1 - a) + (L - 1) * b) / L`` forward passes of the batch
+    instead of ``L * H``: the unpruned pass, the whole blocks between the pruned and the last one,
+    the pruned block less the share ``a`` of a block's time spent on q/k/v, the softmax and the
+    projection, and the share ``b`` of the last block a CLS readout still needs (mostly the keys
+    and values). For DeiT-Tiny on a CPU ``a ~ 0.4`` and ``b ~ 0.2``: about 17 (17.5 measured, see
+    BENCHMARKS.md). Where a block cannot be split ``a = 0``, and where the readout pools over the
+    patches ``b = 1``; with neither saving (or ``shortcuts=False``) the cost is the whole-block
+    floor ``1 + H * (L + 1) / 2``, 20.5 for DeiT-Tiny.
     """
     vit._require_head()
     x = _as_batch(vit, x)
     L, H = vit.num_layers, vit.num_heads
-    stream, base_logits = _record_stream(vit, vit.embed(x))
+    # Which savings apply: per layer for the recorded context, once for the readout-only last block.
+    split = {l for l in range(L) if vit.output_projection(l) is not None} if shortcuts else set()
+    n_read = vit.readout_tokens() if shortcuts and L > 1 and vit.can_run_queries(L - 1) else None
+    contexts: dict[int, torch.Tensor] = {}
+    stream = [vit.embed(x)]
+    last = vit.run_blocks(
+        stream[0], on_block=lambda _l, o: stream.append(o), on_context=contexts.__setitem__ if split else None
+    )
+    base_logits = vit.readout(last)
     B = base_logits.shape[0]
     n_classes = base_logits.shape[1]
     prediction = base_logits.argmax(-1)
@@ -136,20 +187,38 @@ def head_sweep(vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[i
     correct = torch.empty(L, rows, dtype=torch.bool, device=dev)
     flat = torch.arange(rows, device=dev)
     for l in range(L):
+        ctx = contexts.pop(l, None)  # freed as the sweep moves on, like the stream below
+        if ctx is not None:
+            proj = vit.output_projection(l)
+            assert proj is not None
+            base_attn = F.linear(ctx, proj.weight, proj.bias)  # the unpruned attention output of block l
+            w_heads = _head_weights(proj, H)
+            ctx_heads = ctx.reshape(ctx.shape[0], ctx.shape[1], H, ctx.shape[2] // H)
         for start in range(0, rows, step):
             idx = flat[start : start + step]
             b_idx, h_idx = idx // H, idx % H
-            gate = torch.ones(idx.numel(), H, dtype=x.dtype, device=dev)
-            gate[torch.arange(idx.numel(), device=dev), h_idx] = 0.0
-            y = vit.run_blocks(stream[l][b_idx], l, l + 1, plans={l: LayerPlan(head_gate=gate)})
+            if ctx is not None:
+                share = torch.bmm(ctx_heads[b_idx, :, h_idx], w_heads[h_idx])  # (n, T, D): the pruned head's share
+                y = vit.finish_block(l, stream[l][b_idx], base_attn[b_idx] - share)
+            else:
+                gate = torch.ones(idx.numel(), H, dtype=x.dtype, device=dev)
+                gate[torch.arange(idx.numel(), device=dev), h_idx] = 0.0
+                y = vit.run_blocks(stream[l][b_idx], l, l + 1, plans={l: LayerPlan(head_gate=gate)})
             change, rel = _stream_change(y, stream[l + 1][b_idx])
-            logits = vit.readout(vit.run_blocks(y, l + 1))
+            if l == L - 1:
+                final = y
+            elif n_read is not None:
+                final = vit.run_block_queries(L - 1, vit.run_blocks(y, l + 1, L - 1), n_read)
+            else:
+                final = vit.run_blocks(y, l + 1)
+            logits = vit.readout(final)
             t = target[b_idx]
             out["logp"][l, idx] = logits.double().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
             out["change"][l, idx] = change
             out["rel"][l, idx] = rel
             correct[l, idx] = logits.argmax(-1) == t
         stream[l] = None  # type: ignore  # block l's input is not needed again: free it as the sweep moves on
+        ctx = base_attn = ctx_heads = None  # type: ignore  # nor its context (the last references)
 
     def per_head(v: torch.Tensor) -> np.ndarray:  # (L, B*H) -> (B, L, H)
         return v.reshape(L, B, H).permute(1, 0, 2).cpu().numpy()

@@ -157,19 +157,76 @@ class ViT:
         *,
         plans: Optional[Mapping[int, LayerPlan]] = None,
         on_block: Optional[Callable[[int, torch.Tensor], None]] = None,
+        on_context: Optional[Callable[[int, torch.Tensor], None]] = None,
     ) -> torch.Tensor:
         """Run blocks ``start..stop-1`` on the residual stream ``h`` under ``plans``.
 
         Reusing ``h`` from an earlier call is how analyses skip the layers an ablation cannot
-        change. ``on_block(l, out)`` sees each block's output.
+        change. ``on_block(l, out)`` sees each block's output. ``on_context(l, ctx)`` sees what enters
+        block ``l``'s attention output projection: the heads' contexts side by side, ``(B, T, H *
+        d_head)``, head ``h`` in channels ``h * d_head : (h + 1) * d_head`` (after any head gate);
+        it is called only for the blocks that have an :meth:`output_projection`. The model's own
+        fused attention keeps running: the context is read where the projection receives it.
         """
         stop = self.num_layers if stop is None else stop
-        with self.intervene(plans or {}):
+        hooks = []
+        if on_context is not None:
             for i in range(start, stop):
-                h = self.backend.run_block(i, h)
-                if on_block is not None:
-                    on_block(i, h)
+                proj = self.output_projection(i)
+                if proj is not None:
+                    hooks.append(proj.register_forward_pre_hook(lambda _m, args, _i=i: on_context(_i, args[0])))
+        try:
+            with self.intervene(plans or {}):
+                for i in range(start, stop):
+                    h = self.backend.run_block(i, h)
+                    if on_block is not None:
+                        on_block(i, h)
+        finally:
+            for hook in hooks:
+                hook.remove()
         return h
+
+    # ----------------------------------------------- pieces of a block
+    # What the backend offers of :class:`~vitscope.models.backends.base.SplitBlocks`; each answers
+    # "not here" (None / False) for a backend or block without it, so callers can fall back to
+    # running whole blocks.
+    def output_projection(self, layer: int) -> Optional[torch.nn.Linear]:
+        """Block ``layer``'s attention output projection when pruning a head there equals removing
+        its slice's share of that linear map (see ``SplitBlocks.output_projection``); else None."""
+        fn = getattr(self.backend, "output_projection", None)
+        return fn(layer) if fn is not None else None
+
+    def finish_block(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Block ``layer``'s output from its input ``h`` and its attention output ``attn_out`` (the
+        output projection's result): the block after its attention, for blocks with an
+        :meth:`output_projection`."""
+        if self.output_projection(layer) is None:
+            raise NotImplementedError(f"{self.name}: block {layer} cannot be finished from its attention output; run it whole")
+        return self.backend.finish_block(layer, h, attn_out)  # type: ignore[attr-defined]
+
+    def can_run_queries(self, layer: int) -> bool:
+        """Whether :meth:`run_block_queries` can run block ``layer``."""
+        fn = getattr(self.backend, "can_run_queries", None)
+        return bool(fn(layer)) if fn is not None else False
+
+    def run_block_queries(self, layer: int, h: torch.Tensor, n: int) -> torch.Tensor:
+        """Block ``layer`` on ``h`` with only the first ``n`` tokens as queries, ``(B, n, D)``: what
+        ``run_blocks(h, layer, layer + 1)[:, :n]`` gives, at the cost of the keys and values of the
+        other tokens only. The block runs unpruned: no plan may be installed for it."""
+        if not self.can_run_queries(layer):
+            raise NotImplementedError(f"{self.name}: block {layer} cannot run a subset of its queries; run it whole")
+        if self.runtime.plan_for(layer) is not None:
+            raise ValueError(f"run_block_queries runs block {layer} unpruned, but a plan is installed for it")
+        if not 1 <= n <= h.shape[1]:
+            raise ValueError(f"n must be between 1 and the {h.shape[1]} tokens of h, got {n}")
+        return self.backend.run_block_queries(layer, h, n)  # type: ignore[attr-defined]
+
+    def readout_tokens(self) -> Optional[int]:
+        """``n`` when :meth:`readout` reads only the first ``n`` tokens of the last block's output
+        (CLS: 1; CLS + distillation token: 2), so it can be given just those; None otherwise."""
+        fn = getattr(self.backend, "readout_tokens", None)
+        n = fn() if fn is not None else None
+        return int(n) if n else None
 
     def plans_for_masks(self, masks: Optional[MaskSpec]) -> dict[int, LayerPlan]:
         compiled = compile_masks(

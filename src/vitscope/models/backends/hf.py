@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vitscope.capture.runtime import AttentionRuntime, LayerPlan
@@ -318,6 +319,63 @@ class HFBackend:
         if kind == "pooler":
             return m.classifier(self._pool(h))
         raise ValueError(f"{type(m).__name__}: unknown readout {kind!r}")
+
+    # ------------------------------------------- pieces of a block (SplitBlocks)
+    def _split_layer(self, i: int) -> Optional[nn.Module]:
+        """Layer ``i`` when it is a ViT / DeiT layer of the current transformers layout (pre-norm,
+        ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` attention, no layer scale), the one whose
+        pieces :meth:`finish_block` and :meth:`run_block_queries` mirror; else None. Older releases
+        (``ViTSelfAttention`` + ``ViTSelfOutput``) and the other families get the whole layer."""
+        layer = self.blocks[i]
+        if self.model_type not in ("vit", "deit") or type(layer).__name__ not in ("ViTLayer", "DeiTLayer"):
+            return None
+        att = getattr(layer, "attention", None)
+        if type(att).__name__ not in ("ViTAttention", "DeiTAttention"):
+            return None
+        if not all(hasattr(att, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return None
+        if not all(hasattr(layer, n) for n in ("layernorm_before", "layernorm_after", "mlp", "dropout")):
+            return None
+        return layer
+
+    def output_projection(self, i: int) -> Optional[nn.Linear]:
+        """``attention.o_proj`` of a ViT / DeiT layer: it takes the heads' contexts side by side."""
+        layer = self._split_layer(i)
+        return None if layer is None else layer.attention.o_proj
+
+    def finish_block(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        layer = self._split_layer(i)
+        if layer is None:
+            raise NotImplementedError(f"layer {i} of {type(self.module).__name__} cannot be run in pieces; run it whole")
+        mid = layer.dropout(attn_out) + h
+        return layer.dropout(layer.mlp(layer.layernorm_after(mid))) + mid
+
+    def can_run_queries(self, i: int) -> bool:
+        return self._split_layer(i) is not None
+
+    def run_block_queries(self, i: int, h: torch.Tensor, n: int) -> torch.Tensor:
+        """Mirrors ``ViTLayer.forward`` / ``ViTAttention.forward`` (SDPA) with the query projection,
+        attention, output projection and MLP on the first ``n`` tokens only."""
+        layer = self._split_layer(i)
+        if layer is None:
+            raise NotImplementedError(f"layer {i} of {type(self.module).__name__} cannot be run in pieces; run it whole")
+        att = layer.attention
+        B, T, _ = h.shape
+        y = layer.layernorm_before(h)
+        q = att.q_proj(y[:, :n]).view(B, n, -1, att.head_dim).transpose(1, 2)
+        k = att.k_proj(y).view(B, T, -1, att.head_dim).transpose(1, 2)
+        v = att.v_proj(y).view(B, T, -1, att.head_dim).transpose(1, 2)
+        p = att.attention_dropout if att.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=att.scaling).transpose(1, 2).reshape(B, n, -1)
+        mid = layer.dropout(att.o_proj(ctx)) + h[:, :n]
+        return layer.dropout(layer.mlp(layer.layernorm_after(mid))) + mid
+
+    def readout_tokens(self) -> Optional[int]:
+        """1 for the ViT / DeiT classifiers (CLS after the final layer norm), 2 for DeiT with its
+        distillation head (CLS and distillation token); None for the pooled and mean readouts."""
+        if self.model_type not in ("vit", "deit"):
+            return None
+        return {"cls": 1, "cls_dist_mean": 2}.get(self.readout_kind or "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The library's own forward: logits, or for a backbone its pooled embedding."""

@@ -296,6 +296,80 @@ class TimmBackend:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    # ------------------------------------------- pieces of a block (SplitBlocks)
+    def _plain_block(self, i: int) -> Optional[nn.Module]:
+        """Block ``i`` when it is timm's pre-norm ``Block`` with a ``timm.layers.Attention``, the only
+        layout whose pieces :meth:`finish_block` and :meth:`run_block_queries` mirror; else None.
+        (Exact classes: a subclass may change the forward.)"""
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+
+        blk = self.blocks[i]
+        return blk if type(blk) is Block and type(blk.attn) is Attention else None
+
+    def output_projection(self, i: int) -> Optional[nn.Linear]:
+        """``attn.proj`` of a plain block whose attention has no sub-LN ``norm`` between the heads'
+        contexts and the projection (a norm over all heads would make pruning one head change the
+        others' share); the optional sigmoid gate is elementwise, so it keeps heads apart."""
+        blk = self._plain_block(i)
+        if blk is None or not isinstance(getattr(blk.attn, "norm", None), (nn.Identity, type(None))):
+            return None
+        return blk.attn.proj
+
+    def finish_block(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        blk = self._plain_block(i)
+        if blk is None:
+            raise NotImplementedError(f"block {i} of {type(self.module).__name__} is not timm's plain Block; run it whole")
+        x = h + blk.drop_path1(blk.ls1(attn_out))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+    def can_run_queries(self, i: int) -> bool:
+        return self._plain_block(i) is not None
+
+    def run_block_queries(self, i: int, h: torch.Tensor, n: int) -> torch.Tensor:
+        """Mirrors ``Block.forward`` / ``Attention.forward`` with the query projection, attention,
+        output projection and MLP on the first ``n`` tokens only."""
+        blk = self._plain_block(i)
+        if blk is None:
+            raise NotImplementedError(f"block {i} of {type(self.module).__name__} is not timm's plain Block; run it whole")
+        a = blk.attn
+        B, T, _ = h.shape
+        d = a.num_heads * a.head_dim
+        y = blk.norm1(h)
+        w, b = a.qkv.weight, a.qkv.bias
+        q = F.linear(y[:, :n], w[:d], None if b is None else b[:d]).reshape(B, n, a.num_heads, a.head_dim).transpose(1, 2)
+        kv = F.linear(y, w[d:], None if b is None else b[d:]).reshape(B, T, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        q, k = a.q_norm(q), a.k_norm(k)
+        ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout(a), scale=a.scale)
+        ctx = ctx.transpose(1, 2).reshape(B, n, d)
+        ctx = a.norm(ctx) if hasattr(a, "norm") else ctx
+        if getattr(a, "gate", None) is not None:
+            ctx = ctx * a.gate(y[:, :n]).sigmoid()
+        x = h[:, :n] + blk.drop_path1(blk.ls1(a.proj_drop(a.proj(ctx))))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+    def readout_tokens(self) -> Optional[int]:
+        """1 for a ``VisionTransformer`` that reads its CLS token (``global_pool='token'``, no
+        attention pooling), 2 for DeiT's distilled model (CLS and distillation token); None for
+        average / max / attention pooling and for families whose readout runs more blocks (CaiT)."""
+        from timm.models.deit import VisionTransformerDistilled
+        from timm.models.vision_transformer import VisionTransformer
+
+        m = self.module
+        if type(self)._final is not TimmBackend._final:
+            return None
+        if type(m).forward_head is VisionTransformerDistilled.forward_head:
+            return 2
+        token_pool = (
+            type(m).forward_head is VisionTransformer.forward_head
+            and getattr(type(m), "pool", None) is getattr(VisionTransformer, "pool", None)
+            and getattr(m, "attn_pool", None) is None
+            and getattr(m, "global_pool", None) == "token"
+            and getattr(m, "cls_token", None) is not None
+        )
+        return 1 if token_pool else None
+
 
 class EvaBackend(TimmBackend):
     """timm ``Eva``: EVA, EVA-02 and the rotary-embedding ViTs built on it (RoPE-ViT, DINOv3, PE, ...).
