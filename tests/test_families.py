@@ -266,6 +266,44 @@ def test_timm_cait_talking_heads():
     _check_timm(vit, x, fused=False, rows_sum_to_one=False)
 
 
+def test_timm_cait_both_maps_of_a_talking_head():
+    """``maps="softmax"`` gives each head's own softmax, before ``proj_w`` mixes the heads: the
+    input of timm's ``proj_w``, read by a hook on an unpatched copy; ``"effective"`` gives the map
+    after it (the input of ``attn_drop``)."""
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("cait_xxs24_224", pretrained=False, **SMALL, num_classes=5, init_values=0.5))
+    ref = copy.deepcopy(model)
+    vit = vitscope.load_model(model, device="cpu")
+    softmax, mixed = {}, {}
+    for l, blk in enumerate(ref.blocks):
+        blk.attn.proj_w.register_forward_hook(lambda _m, args, _o, l=l: softmax.__setitem__(l, args[0].permute(0, 3, 1, 2)))
+        blk.attn.attn_drop.register_forward_hook(lambda _m, args, _o, l=l: mixed.__setitem__(l, args[0]))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref(x)
+        got_soft, got_mixed = {}, {}
+        vit.stream(x, lambda l, a: got_soft.__setitem__(l, a), maps="softmax")
+        vit.stream(x, lambda l, a: got_mixed.__setitem__(l, a))
+    for l in range(vit.num_layers):
+        assert (got_soft[l] - softmax[l]).abs().max() < 5e-6
+        assert (got_mixed[l] - mixed[l]).abs().max() < 5e-6
+        torch.testing.assert_close(got_soft[l].sum(-1), torch.ones_like(got_soft[l].sum(-1)))
+        assert (got_mixed[l] - got_soft[l]).abs().max() > 1e-3  # the two maps really differ
+    # Other families: the two are the same matrix.
+    plain = _timm("vit_small_patch16_224", **SMALL, num_classes=5)
+    a, b = {}, {}
+    with torch.no_grad():
+        plain.stream(x, lambda l, m: a.__setitem__(l, m), maps="softmax")
+        plain.stream(x, lambda l, m: b.__setitem__(l, m))
+    assert all(torch.equal(a[l], b[l]) for l in a)
+    with pytest.raises(ValueError, match="maps='softmax'.*masks"):
+        vit.stream(x, lambda l, m: None, maps="softmax", masks={(0, 0): "patch"})
+
+
 # --------------------------------------------------------------------------- Hugging Face
 HF_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
 

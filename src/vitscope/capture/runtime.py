@@ -42,6 +42,10 @@ class LayerPlan:
             gradient of the loss with respect to the effective attention.
         buffer: optional contiguous ``(B, H, T, T)`` tensor the attention is written into (no-grad
             passes only), so a caller that keeps every map pays for no extra copy.
+        report_softmax: hand ``on_attention`` each head's own softmax instead of the effective
+            map: for talking-heads attention (CaiT) the probabilities before the model mixes the
+            heads (``proj_w``), which are distributions over keys; for every other model the same
+            matrix. Reported before the plan's ``keep`` and ``head_gate`` (use it without them).
     """
 
     keep: Optional[torch.Tensor] = None
@@ -50,6 +54,7 @@ class LayerPlan:
     on_attention: Optional[AttentionCallback] = None
     on_gradient: Optional[GradientCallback] = None
     buffer: Optional[torch.Tensor] = None
+    report_softmax: bool = False
 
     @property
     def needs_matrix(self) -> bool:
@@ -107,6 +112,7 @@ class AttentionRuntime:
                 if plan.allowed is not None:
                     scores = scores.masked_fill(~plan.allowed, float("-inf"))
                 attn = scores.softmax(dim=-1)
+                softmax = attn
                 if post_softmax is not None:
                     attn = post_softmax(attn)
                 if plan.keep is not None:
@@ -121,12 +127,13 @@ class AttentionRuntime:
                     attn.register_hook(lambda g, _l=layer, _a=held: on_gradient(_l, _a, g))
             else:
                 attn = _softmax_scores_inplace(q, k, scale, plan.buffer, plan.allowed, bias)
+                softmax = attn if not plan.report_softmax or (plan.keep is None and plan.head_gate is None) else attn.clone()
                 if plan.keep is not None:
                     attn.mul_(plan.keep.to(dtype=attn.dtype))
                 if plan.head_gate is not None:
                     attn.mul_(_gate(plan.head_gate, attn.dtype)[:, :, None, None])
             if plan.on_attention is not None:
-                plan.on_attention(layer, attn.detach())
+                plan.on_attention(layer, (softmax if plan.report_softmax else attn).detach())
             if dropout_p > 0.0:
                 attn = F.dropout(attn, p=dropout_p)
             out = attn @ v

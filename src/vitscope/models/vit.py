@@ -294,6 +294,7 @@ class ViT:
         on_gradient: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
         targets: Optional[torch.Tensor] = None,
         masks: Optional[MaskSpec] = None,
+        maps: str = "effective",
     ) -> torch.Tensor:
         """Run the model once and hand each layer's attention to callbacks, batch by batch.
 
@@ -302,7 +303,16 @@ class ViT:
         the summed cross-entropy against ``targets`` (default: the model's own predictions) is
         back-propagated and ``on_gradient(layer, attn, grad)`` receives ``d loss / d attn`` for each
         layer (last layer first); each image's gradient is that of its own loss. Returns the logits.
+
+        ``maps``: ``"effective"`` (the default) hands ``on_attention`` the matrix that multiplies
+        the values, masks included; ``"softmax"`` each head's own softmax, which differs only for
+        talking-heads attention (CaiT), where it is the distribution over keys before the heads are
+        mixed — what distance and pattern measures need. ``"softmax"`` takes no ``masks``.
         """
+        if maps not in ("effective", "softmax"):
+            raise ValueError(f"maps={maps!r}: use 'effective' (the matrix that multiplies v) or 'softmax' (each head's own softmax)")
+        if maps == "softmax" and masks:
+            raise ValueError("maps='softmax' reports each head's softmax before any mask; pass masks with maps='effective'")
         x = self._input(x)
         sel = self._layers(layers)
         base = self.plans_for_masks(masks)
@@ -316,7 +326,8 @@ class ViT:
         plans = dict(base)
         for layer in sel:
             p = base.get(layer, LayerPlan())
-            plans[layer] = LayerPlan(keep=p.keep, head_gate=p.head_gate, on_attention=seen_attention, on_gradient=on_gradient)
+            plans[layer] = LayerPlan(keep=p.keep, head_gate=p.head_gate, on_attention=seen_attention, on_gradient=on_gradient,
+                                     report_softmax=maps == "softmax")  # fmt: skip
         grad = on_gradient is not None
         with torch.set_grad_enabled(grad):
             h = self.backend.embed(x)
