@@ -61,6 +61,23 @@ class LayerPlan:
         return self.keep is not None or self.on_attention is not None or self.on_gradient is not None
 
 
+def with_model_mask(plan: LayerPlan, mask: Optional[torch.Tensor]) -> tuple[LayerPlan, Optional[torch.Tensor]]:
+    """The model's own attention mask under ``plan``, as every backend hands it to :meth:`AttentionRuntime.attend`.
+
+    A boolean mask joins the plan's allowed keys (a model that restricts its attention, e.g. WinfT,
+    keeps doing so under analysis); a float mask is an additive bias (relative position bias),
+    returned for ``attend``'s ``bias``. Returns ``(plan, bias)``.
+    """
+    import dataclasses
+
+    if mask is None:
+        return plan, None
+    if mask.dtype == torch.bool:
+        allowed = mask if plan.allowed is None else plan.allowed & mask
+        return dataclasses.replace(plan, allowed=allowed), None
+    return plan, mask
+
+
 class AttentionRuntime:
     """Holds the plans for the current forward pass of one model."""
 

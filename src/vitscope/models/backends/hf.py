@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitscope.capture.runtime import AttentionRuntime, LayerPlan
+from vitscope.capture.runtime import AttentionRuntime, LayerPlan, with_model_mask
 from vitscope.models.errors import ModelLoadError, UnsupportedModelError
 from vitscope.core.layout import TokenLayout
 from vitscope.models.preprocessing import Preprocessing
@@ -59,14 +59,7 @@ _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "
 
 def _plan_with_mask(plan: LayerPlan, attention_mask: Optional[torch.Tensor]) -> tuple[LayerPlan, Optional[torch.Tensor]]:
     """The model's own mask under a plan: boolean -> allowed keys, float -> additive bias."""
-    import dataclasses
-
-    if attention_mask is None:
-        return plan, None
-    if attention_mask.dtype == torch.bool:
-        allowed = attention_mask if plan.allowed is None else plan.allowed & attention_mask
-        return dataclasses.replace(plan, allowed=allowed), None
-    return plan, attention_mask
+    return with_model_mask(plan, attention_mask)
 
 
 def _vitscope_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

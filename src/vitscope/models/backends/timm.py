@@ -10,7 +10,6 @@ With no plan for the layer, the module's original (fused) forward runs untouched
 
 from __future__ import annotations
 
-import dataclasses
 import types
 from typing import Any, Callable, Optional
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitscope.capture.runtime import AttentionRuntime, LayerPlan
+from vitscope.capture.runtime import AttentionRuntime, LayerPlan, with_model_mask
 from vitscope.core.layout import TokenLayout
 from vitscope.models.errors import UnsupportedModelError
 
@@ -29,17 +28,10 @@ _WINDOWED_HINT = (
 
 
 def _join_mask(plan: LayerPlan, attn_mask: Optional[torch.Tensor], is_causal: bool = False) -> tuple[LayerPlan, Optional[torch.Tensor]]:
-    """The model's own ``attn_mask`` under a plan: a boolean mask joins the plan's allowed keys (a
-    model that restricts its attention, e.g. WinfT, keeps doing so under analysis); a float mask is an
-    additive bias, returned for :meth:`AttentionRuntime.attend`'s ``bias``."""
+    """The model's own ``attn_mask`` under a plan (see :func:`with_model_mask`); causal attention is refused."""
     if is_causal:
         raise NotImplementedError("vitscope analyses bidirectional attention only; this call asked for causal attention")
-    if attn_mask is None:
-        return plan, None
-    if attn_mask.dtype == torch.bool:
-        allowed = attn_mask if plan.allowed is None else plan.allowed & attn_mask
-        return dataclasses.replace(plan, allowed=allowed), None
-    return plan, attn_mask
+    return with_model_mask(plan, attn_mask)
 
 
 def _dropout(attn: nn.Module) -> float:
