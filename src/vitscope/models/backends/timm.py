@@ -76,76 +76,73 @@ def _rope_qk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Opti
     return q, k
 
 
-def _eva_attention_forward(runtime: AttentionRuntime, layer: int, original):
-    """``timm.models.eva.EvaAttention``: q/v biases (no k bias), q/k norm, rotary embedding, sub-LN."""
-
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        plan = runtime.plan_for(layer)
-        if plan is None:
-            return original(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        plan, bias = _join_mask(plan, attn_mask, is_causal)
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        if self.qkv is not None:
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x)
-                    qkv += qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-            qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+def _eva_qkv(self: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``EvaAttention``'s q, k, v ``(B, H, N, d)``: fused or separate projections, q/v biases (no k bias)."""
+    B, N, _ = x.shape
+    if self.qkv is None:
+        return tuple(proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # type: ignore[return-value]
+    if self.q_bias is None:
+        qkv = self.qkv(x)
+    else:
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            qkv = self.qkv(x)
+            qkv += qkv_bias
         else:
-            q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-            k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-            v = self.v_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope_qk(self, q, k, v, rope)
-        x = runtime.attend(plan, layer, q, k, v, self.scale, _dropout(self), bias=bias)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        return self.proj_drop(x)
-
-    return forward
+            qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+    q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
 
 
-def _rope_attention_forward(runtime: AttentionRuntime, layer: int, original):
-    """``timm.layers.AttentionRope`` (RoPE-ViT, DINOv3, ...): like EVA's, plus grouped-query heads."""
+def _rope_qkv(self: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``AttentionRope``'s q, k, v ``(B, H, N, d)``, with grouped-query key/value heads repeated as timm does."""
+    B, N, _ = x.shape
+    if self.qkv is not None:
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = self.q_proj(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    return q, k, v
 
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        plan = runtime.plan_for(layer)
-        if plan is None:
-            return original(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        plan, bias = _join_mask(plan, attn_mask, is_causal)
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        if self.qkv is not None:
-            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-        else:
-            q = self.q_proj(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-            k = self.k_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = self.v_proj(x).reshape(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope_qk(self, q, k, v, rope)
-        if getattr(self, "num_kv_groups", 1) > 1:
-            k = k.repeat_interleave(self.num_kv_groups, dim=1)
-            v = v.repeat_interleave(self.num_kv_groups, dim=1)
-        x = runtime.attend(plan, layer, q, k, v, self.scale, _dropout(self), bias=bias)
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        return self.proj_drop(x)
 
-    return forward
+def _rotary_attention_forward(qkv: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """The patched forward of a rotary attention module (EVA's and ``AttentionRope``): its own
+    projections (``qkv``), then q/k norm, rotary embedding on the patch tokens, grouped-query heads
+    where the module has them, vitscope's kernel, sub-LN ``norm``, gate and output projection — in
+    timm's order."""
+
+    def patch(runtime: AttentionRuntime, layer: int, original):
+        def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+            plan = runtime.plan_for(layer)
+            if plan is None:
+                return original(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            plan, bias = _join_mask(plan, attn_mask, is_causal)
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            q, k, v = qkv(self, x)
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = _rope_qk(self, q, k, v, rope)
+            if getattr(self, "num_kv_groups", 1) > 1:
+                k = k.repeat_interleave(self.num_kv_groups, dim=1)
+                v = v.repeat_interleave(self.num_kv_groups, dim=1)
+            x = runtime.attend(plan, layer, q, k, v, self.scale, _dropout(self), bias=bias)
+            x = x.transpose(1, 2).reshape(B, N, -1)
+            x = self.norm(x)
+            if gate is not None:
+                x = x * gate
+            x = self.proj(x)
+            return self.proj_drop(x)
+
+        return forward
+
+    return patch
+
+
+#: ``timm.models.eva.EvaAttention``: q/v biases (no k bias), q/k norm, rotary embedding, sub-LN.
+_eva_attention_forward = _rotary_attention_forward(_eva_qkv)
+#: ``timm.layers.AttentionRope`` (RoPE-ViT, DINOv3, ...): like EVA's, plus grouped-query heads.
+_rope_attention_forward = _rotary_attention_forward(_rope_qkv)
 
 
 def _beit_attention_forward(runtime: AttentionRuntime, layer: int, original):
