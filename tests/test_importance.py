@@ -538,3 +538,74 @@ def test_pruning_curves_follow_metric_order(random_vit, rand_x):
     assert all_pruned["mean_prob"].nunique() == 1  # every order ends with the same model
     with pytest.raises(ValueError, match="outside 0..6"):
         pruning_curves(random_vit, [rand_x], heads, ["taylor"], steps=[7])
+
+
+# --------------------------------------------------------------------------- embedding objective
+def _library_embedding(vit, x: torch.Tensor, prune: tuple[int, int] | None = None) -> torch.Tensor:
+    """The library's own pooled embedding (timm's pre-logits head; HF's CLS after the final layer
+    norm), with head ``prune`` removed by zeroing its context slice before the output projection."""
+    blocks = vit.backend.blocks
+    hooks = []
+    if prune is not None:
+        l, h = prune
+        d = _output_projection(blocks[l]).in_features // vit.num_heads
+
+        def zero_slice(_m, args):
+            ctx = args[0].clone()
+            ctx[..., h * d : (h + 1) * d] = 0
+            return (ctx, *args[1:])
+
+        hooks.append(_output_projection(blocks[l]).register_forward_pre_hook(zero_slice))
+    m = vit.module
+    try:
+        with torch.no_grad():
+            if vit.library == "timm":
+                return m.forward_head(m.forward_features(x), pre_logits=True)
+            body = getattr(m, "vit", None) or getattr(m, "deit", None) or m
+            return body(pixel_values=x).last_hidden_state[:, 0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _backbone(kind: str):
+    import transformers as tr
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(5)
+    if kind == "timm-backbone":
+        return _randomised(VisionTransformer(img_size=32, patch_size=8, num_classes=0, embed_dim=32, depth=3, num_heads=2), 0.02)
+    c = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    return _randomised(tr.ViTModel(tr.ViTConfig(**c), add_pooling_layer=False), 0.3)
+
+
+@pytest.mark.parametrize("kind", ["timm-backbone", "hf-backbone", "timm-distilled", "timm-avg", "hf-deit-distilled"])
+def test_embedding_objective_matches_the_library_embedding(kind, rand_x):
+    """``objective="embedding"``: 1 - cos between the pruned and unpruned pooled embedding, for
+    backbones without a classifier too, against the library's own forward with the head's context
+    slice zeroed; the naive loop gives the same; the label objective refuses a backbone."""
+    import vitscope
+
+    if kind.endswith("backbone"):
+        model = _backbone(kind)
+    else:
+        model = _hf_model(kind) if kind.startswith("hf") else _timm_model(kind)
+    vit = vitscope.load_model(model, device="cpu")
+    x = rand_x[:3]
+    sweep = head_sweep(vit, x, objective="embedding", chunk=4)
+    assert set(sweep) == {"base_embedding_norm", "embedding_change", "layer_change", "layer_rel_l2"}
+    base = _library_embedding(vit, x).double()
+    np.testing.assert_allclose(sweep["base_embedding_norm"], base.norm(dim=-1).numpy(), rtol=1e-5)
+    for l in range(vit.num_layers):
+        for h in range(vit.num_heads):
+            pruned = _library_embedding(vit, x, (l, h)).double()
+            want = (1 - F.cosine_similarity(pruned, base, dim=1)).numpy()
+            np.testing.assert_allclose(sweep["embedding_change"][:, l, h], want, rtol=1e-3, atol=1e-9)
+    assert sweep["embedding_change"].max() > 1e-4  # pruning moves the embedding: the check is not vacuous
+    naive = head_sweep_naive(vit, x, objective="embedding")
+    np.testing.assert_allclose(sweep["embedding_change"], naive["embedding_change"], rtol=1e-4, atol=1e-9)
+    if kind.endswith("backbone"):
+        with pytest.raises(ValueError, match="no classification head.*objective='embedding'"):
+            head_sweep(vit, x)
+    with pytest.raises(ValueError, match="unknown objective 'probs'"):
+        head_sweep(vit, x, objective="probs")

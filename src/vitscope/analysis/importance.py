@@ -99,14 +99,43 @@ def _head_weights(proj: torch.nn.Linear, num_heads: int) -> torch.Tensor:
     return w.reshape(w.shape[0], num_heads, w.shape[1] // num_heads).permute(1, 2, 0).contiguous()
 
 
+#: What a head sweep measures the pruned model by (``objective=``): ``"label"``, the classifier's
+#: probability, loss and correctness for the target class; ``"embedding"``, the change of the pooled
+#: image embedding, ``1 - cos(pruned, unpruned)``, defined for every model (backbones included).
+OBJECTIVES: tuple[str, ...] = ("label", "embedding")
+
+
+def embedding_change(pruned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(pruned, base)`` per row of two ``(N, D)`` embeddings, in float64.
+
+    Computed as ``||p/|p| - b/|b|||^2 / 2`` (the same quantity): ``1 - cos`` of two nearly parallel
+    vectors cancels to zero in floating point, their normalised difference does not, so the small
+    effect of one head stays resolvable.
+    """
+    p, b = pruned.double(), base.double()
+    return 0.5 * (p / p.norm(dim=-1, keepdim=True) - b / b.norm(dim=-1, keepdim=True)).pow(2).sum(dim=-1)
+
+
+def check_objective(vit: "ViT", objective: str) -> None:
+    """Refuse an unknown objective, and ``"label"`` for a model without a classifier (say what to use)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    if objective == "label" and not vit.num_classes:
+        raise ValueError(
+            f"{vit.name} has no classification head, so its pruned probabilities are undefined; "
+            "use objective='embedding' (--objective embedding) to measure how much each head changes its image embedding"
+        )
+
+
 @torch.no_grad()
 def head_sweep(
-    vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[int] = None, shortcuts: bool = True
+    vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[int] = None, shortcuts: bool = True,
+    objective: str = "label",
 ) -> dict[str, np.ndarray]:
     """Prune each head of each layer alone and measure the effect on every image of a batch.
 
     Args:
-        vit: a loaded model with a classification head.
+        vit: a loaded model (with a classification head for ``objective="label"``).
         x: preprocessed ``(B, C, H, W)`` batch (or images, which are preprocessed first).
         targets: class index per image; ``None`` or ``-1`` means the unpruned prediction.
         chunk: most rows run through the model at once (the sweep replicates the batch ``H``
@@ -117,6 +146,11 @@ def head_sweep(
         shortcuts: use the pruned layer's recorded attention and the readout-only last block
             (below) where the model allows; ``False`` runs whole blocks everywhere (same numbers,
             slower; for comparison).
+        objective: ``"label"`` (below) or ``"embedding"``: then instead of the class keys the
+            result has ``base_embedding_norm (B,)`` and ``embedding_change (B, L, H)``,
+            ``1 - cos`` between the pruned and the unpruned pooled embedding
+            (:meth:`ViT.embedding`), besides ``layer_change`` and ``layer_rel_l2``; ``targets``
+            are ignored.
 
     Returns a dict of numpy arrays (``B`` images, ``L`` layers, ``H`` heads, ``C`` classes):
 
@@ -159,7 +193,9 @@ def head_sweep(
     patches ``b = 1``; with neither saving (or ``shortcuts=False``) the cost is the whole-block
     floor ``1 + H * (L + 1) / 2``, 20.5 for DeiT-Tiny.
     """
-    vit._require_head()
+    check_objective(vit, objective)
+    by_embedding = objective == "embedding"
+    head_out = vit.embedding if by_embedding else vit.readout
     x = _as_batch(vit, x)
     L, H = vit.num_layers, vit.num_heads
     # Which savings apply: per layer for the recorded context, once for the readout-only last block.
@@ -170,13 +206,16 @@ def head_sweep(
     last = vit.run_blocks(
         stream[0], on_block=lambda _l, o: stream.append(o), on_context=contexts.__setitem__ if split else None
     )
-    base_logits = vit.readout(last)
+    base_logits = head_out(last)  # the pooled embedding under the embedding objective
     B = base_logits.shape[0]
-    n_classes = base_logits.shape[1]
-    prediction = base_logits.argmax(-1)
-    target = _resolve_targets(targets, prediction, n_classes)
-    base_logp = base_logits.double().log_softmax(-1)
-    base_lp = base_logp.gather(1, target[:, None]).squeeze(1)
+    if by_embedding:
+        target = torch.full((B,), -1, dtype=torch.long, device=base_logits.device)
+    else:
+        n_classes = base_logits.shape[1]
+        prediction = base_logits.argmax(-1)
+        target = _resolve_targets(targets, prediction, n_classes)
+        base_logp = base_logits.double().log_softmax(-1)
+        base_lp = base_logp.gather(1, target[:, None]).squeeze(1)
 
     rows = B * H
     step = (B if x.device.type == "cpu" else rows) if chunk is None else int(chunk)
@@ -211,11 +250,14 @@ def head_sweep(
                 final = vit.run_block_queries(L - 1, vit.run_blocks(y, l + 1, L - 1), n_read)
             else:
                 final = vit.run_blocks(y, l + 1)
-            logits = vit.readout(final)
-            t = target[b_idx]
-            out["logp"][l, idx] = logits.double().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
+            logits = head_out(final)
             out["change"][l, idx] = change
             out["rel"][l, idx] = rel
+            if by_embedding:
+                out["logp"][l, idx] = embedding_change(logits, base_logits[b_idx])  # (the embedding change)
+                continue
+            t = target[b_idx]
+            out["logp"][l, idx] = logits.double().log_softmax(-1).gather(1, t[:, None]).squeeze(1)
             correct[l, idx] = logits.argmax(-1) == t
         stream[l] = None  # type: ignore  # block l's input is not needed again: free it as the sweep moves on
         ctx = base_attn = ctx_heads = None  # type: ignore  # nor its context (the last references)
@@ -223,6 +265,13 @@ def head_sweep(
     def per_head(v: torch.Tensor) -> np.ndarray:  # (L, B*H) -> (B, L, H)
         return v.reshape(L, B, H).permute(1, 0, 2).cpu().numpy()
 
+    if by_embedding:
+        return {
+            "base_embedding_norm": base_logits.double().norm(dim=-1).cpu().numpy(),
+            "embedding_change": per_head(out["logp"]),
+            "layer_change": per_head(out["change"]),
+            "layer_rel_l2": per_head(out["rel"]),
+        }
     return {
         "base_logits": base_logits.float().cpu().numpy(),
         "base_prob": base_lp.exp().cpu().numpy(),
@@ -238,13 +287,22 @@ def head_sweep(
 
 
 @torch.no_grad()
-def head_sweep_naive(vit: "ViT", x: Any, targets: Targets = None) -> dict[str, np.ndarray]:
+def head_sweep_naive(vit: "ViT", x: Any, targets: Targets = None, *, objective: str = "label") -> dict[str, np.ndarray]:
     """Reference for :func:`head_sweep`: one full masked forward per head (``L * H`` forwards).
 
     Returns the same keys as :func:`head_sweep` except ``layer_change`` and ``layer_rel_l2``.
     Slow; meant for checking the fast sweep.
     """
+    check_objective(vit, objective)
     x = _as_batch(vit, x)
+    if objective == "embedding":
+        base = vit.embeddings(x)
+        L, H = vit.num_layers, vit.num_heads
+        change = np.empty((x.shape[0], L, H))
+        for l in range(L):
+            for h in range(H):
+                change[:, l, h] = embedding_change(vit.embeddings(x, masks={(l, h): "all"}), base).cpu().numpy()
+        return {"base_embedding_norm": base.double().norm(dim=-1).cpu().numpy(), "embedding_change": change}
     base_logits = vit.logits(x)
     prediction = base_logits.argmax(-1)
     target = _resolve_targets(targets, prediction, base_logits.shape[1])

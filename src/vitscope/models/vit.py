@@ -138,6 +138,11 @@ class ViT:
         """Residual stream after the last block -> class logits."""
         return self.backend.readout(h)
 
+    def embedding(self, h: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the last block -> the model's pooled image embedding ``(B, D)``
+        (what its classifier, if any, reads; docs/models.md lists it per family)."""
+        return self.backend.embedding(h)
+
     @contextlib.contextmanager
     def intervene(self, plans: Mapping[int, LayerPlan]) -> Iterator[AttentionRuntime]:
         """Install per-layer plans for the forward passes run inside the block."""
@@ -250,6 +255,13 @@ class ViT:
             return self.backend.forward(x)
         plans = self.plans_for_masks(masks)
         return self.readout(self.run_blocks(self.backend.embed(x), plans=plans))
+
+    @torch.no_grad()
+    def embeddings(self, x: Inputs, masks: Optional[MaskSpec] = None) -> torch.Tensor:
+        """The pooled image embedding ``(B, D)`` (see :meth:`embedding`), with ``masks`` as in
+        :meth:`logits`. Defined for every model, with or without a classifier."""
+        x = self._input(x)
+        return self.embedding(self.run_blocks(self.backend.embed(x), plans=self.plans_for_masks(masks)))
 
     @torch.no_grad()
     def attention(self, x: Inputs, layers: Optional[Sequence[int]] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
