@@ -92,3 +92,8 @@ register_head_metric(HeadMetric(
     "taylor", "Taylor (|mask gradient|)", "Absolute gradient of the loss with respect to the head's gate (Michel et al. 2019).",
     ("taylor",), (), lambda grid, per_image: np.abs(grid("taylor")),
 ))
+register_head_metric(HeadMetric(
+    "embedding_change", "embedding change (1 - cos)",
+    "1 - cosine between the pooled image embedding with the head pruned and the unpruned one (the 'embedding' objective).",
+    ("embedding_change",), (), lambda grid, per_image: grid("embedding_change"),
+))
