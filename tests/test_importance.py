@@ -609,3 +609,23 @@ def test_embedding_objective_matches_the_library_embedding(kind, rand_x):
             head_sweep(vit, x)
     with pytest.raises(ValueError, match="unknown objective 'probs'"):
         head_sweep(vit, x, objective="probs")
+
+
+def test_embedding_curve_matches_masked_embeddings():
+    """The embedding objective's pruning curve: at each k, the mean 1 - cos between the embedding
+    with the first k heads pruned together (cosine_similarity of the masked forward) and the unpruned one."""
+    import vitscope
+
+    vit = vitscope.load_model(_backbone("timm-backbone"), device="cpu")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    order = [(2, 1), (0, 0), (1, 1), (0, 1)]
+    df = pruning_curve(vit, [x[:3], x[3:]], order, steps=[0, 1, 3, 4], objective="embedding")
+    base = vit.embeddings(x).double()
+    for row in df.itertuples():
+        pruned = vit.embeddings(x, masks={head: "all" for head in order[: row.k]}).double()
+        want = float((1 - F.cosine_similarity(pruned, base, dim=1)).mean())
+        assert abs(row.mean_embedding_change - want) <= 1e-6 * max(1.0, want), row
+        assert np.isnan(row.accuracy)
+    assert df["mean_embedding_change"].iloc[-1] > 1e-4
+    with pytest.raises(ValueError, match="objective='embedding'"):
+        pruning_curve(vit, [x], order)

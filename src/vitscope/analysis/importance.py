@@ -595,18 +595,21 @@ def default_steps(n: int, points: int = 13) -> list[int]:
 
 @torch.no_grad()
 def _curves(
-    vit: "ViT", batches: Iterable[Any], orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]
+    vit: "ViT", batches: Iterable[Any], orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]],
+    objective: str = "label",
 ) -> pd.DataFrame:
     """Cumulative-pruning curves for several orders in one pass over ``batches``.
 
     Identical pruned sets (k = 0, or all heads) are evaluated once; each pruned model starts from
-    the recorded input of its first pruned layer, since the layers before it are unchanged.
+    the recorded input of its first pruned layer, since the layers before it are unchanged. Under
+    the ``"embedding"`` objective the curve is the mean embedding change ``1 - cos`` (column
+    ``mean_embedding_change``; accuracy, probability and loss are NaN).
     """
+    check_objective(vit, objective)
+    if objective == "embedding":
+        return _embedding_curves(vit, batches, orders, steps)
     L, H = vit.num_layers, vit.num_heads
-    configs: dict[frozenset[tuple[int, int]], list[tuple[str, int]]] = {}
-    for name, order in orders.items():
-        for k in steps[name]:
-            configs.setdefault(frozenset(order[:k]), []).append((name, k))
+    configs = _pruned_configs(orders, steps)
     sums = {c: np.zeros(3) for c in configs}  # correct, prob, loss
     n_images = 0
     for batch in batches:
@@ -644,6 +647,50 @@ def _curves(
     return df.reset_index(drop=True)
 
 
+def _pruned_configs(orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]) -> dict[frozenset[tuple[int, int]], list[tuple[str, int]]]:
+    configs: dict[frozenset[tuple[int, int]], list[tuple[str, int]]] = {}
+    for name, order in orders.items():
+        for k in steps[name]:
+            configs.setdefault(frozenset(order[:k]), []).append((name, k))
+    return configs
+
+
+def _embedding_curves(
+    vit: "ViT", batches: Iterable[Any], orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]
+) -> pd.DataFrame:
+    """:func:`_curves` under the embedding objective: mean ``1 - cos`` to the unpruned embedding."""
+    L, H = vit.num_layers, vit.num_heads
+    configs = _pruned_configs(orders, steps)
+    sums = dict.fromkeys(configs, 0.0)
+    n_images = 0
+    for batch in batches:
+        xb, _ = _split_batch(batch)
+        x = _as_batch(vit, xb)
+        stream = [vit.embed(x)]
+        base = vit.embedding(vit.run_blocks(stream[0], on_block=lambda _l, o: stream.append(o)))
+        n_images += x.shape[0]
+        for config in configs:
+            if not config:
+                continue  # nothing pruned: no change
+            gates = torch.ones(L, H, dtype=x.dtype, device=x.device)
+            for l, h in config:
+                gates[l, h] = 0.0
+            start = min(l for l, _ in config)
+            plans = {l: LayerPlan(head_gate=gates[l][None]) for l in sorted({l for l, _ in config})}
+            pruned = vit.embedding(vit.run_blocks(stream[start], start, plans=plans))
+            sums[config] += float(embedding_change(pruned, base).sum())
+    if n_images == 0:
+        raise ValueError("batches yielded no images")
+    order_of = {name: i for i, name in enumerate(orders)}
+    rows = [
+        {"metric": name, "k": k, "accuracy": np.nan, "mean_prob": np.nan, "mean_loss": np.nan,
+         "mean_embedding_change": sums[config] / n_images, "n_images": n_images}
+        for config, uses in configs.items() for name, k in uses
+    ]  # fmt: skip
+    df = pd.DataFrame(rows).sort_values(["metric", "k"], key=lambda s: s.map(order_of) if s.name == "metric" else s, kind="mergesort")
+    return df.reset_index(drop=True)
+
+
 def pruning_curves_by_ranking(
     vit: "ViT",
     batches: Iterable[Any],
@@ -652,6 +699,7 @@ def pruning_curves_by_ranking(
     *,
     steps: Optional[Sequence[int]] = None,
     seed: int = 0,
+    objective: str = "label",
 ) -> pd.DataFrame:
     """:func:`pruning_curves` for several head rankings at once (e.g. ``{"held_out": heads ranked on
     other images, "in_sample": heads ranked on these images}``), in one pass over ``batches``.
@@ -670,7 +718,7 @@ def pruning_curves_by_ranking(
                 ranked = heads.sort_values([m, "layer", "head"], ascending=[False, True, True], na_position="last", kind="mergesort")
             orders[f"{name}\x00{m}"] = _order_list(vit, ranked, m)
     ks = {key: _check_steps(steps, len(o), key.split("\x00")[1]) for key, o in orders.items()}
-    df = _curves(vit, batches, orders, ks)
+    df = _curves(vit, batches, orders, ks, objective)
     split = df["metric"].str.split("\x00", n=1, expand=True)
     df.insert(0, "ranking", split[0])
     df["metric"] = split[1]
@@ -678,7 +726,7 @@ def pruning_curves_by_ranking(
 
 
 def pruning_curve(
-    vit: "ViT", batches: Iterable[Any], order: HeadOrder, steps: Optional[Sequence[int]] = None
+    vit: "ViT", batches: Iterable[Any], order: HeadOrder, steps: Optional[Sequence[int]] = None, *, objective: str = "label"
 ) -> pd.DataFrame:
     """Accuracy as heads are removed cumulatively in ``order``.
 
@@ -691,11 +739,11 @@ def pruning_curve(
             gates 0 in every affected layer).
 
     Returns ``k, accuracy, mean_prob, mean_loss, n_images`` per step (probability and loss of the
-    target).
+    target); under ``objective="embedding"`` also ``mean_embedding_change`` (the others NaN).
     """
     pairs = _order_list(vit, order, "order")
     ks = _check_steps(steps, len(pairs), "order")
-    return _curves(vit, batches, {"order": pairs}, {"order": ks}).drop(columns="metric")
+    return _curves(vit, batches, {"order": pairs}, {"order": ks}, objective).drop(columns="metric")
 
 
 def _check_steps(steps: Optional[Sequence[int]], n: int, name: str) -> list[int]:
@@ -714,6 +762,7 @@ def pruning_curves(
     *,
     steps: Optional[Sequence[int]] = None,
     seed: int = 0,
+    objective: str = "label",
 ) -> pd.DataFrame:
     """Cumulative pruning curves, one per metric, removing the most important head first.
 
@@ -736,4 +785,4 @@ def pruning_curves(
             ranked = heads.sort_values([m, "layer", "head"], ascending=[False, True, True], na_position="last", kind="mergesort")
         orders[m] = _order_list(vit, ranked, m)
     ks = {m: _check_steps(steps, len(o), m) for m, o in orders.items()}
-    return _curves(vit, batches, orders, ks)
+    return _curves(vit, batches, orders, ks, objective)
