@@ -2,6 +2,12 @@
 
 Run: ``nice .venv/bin/python benchmarks/bench_explain.py [--images 1000] [--batch 25] [--out results.json]``
 
+With ``--sanity-check`` it runs Adebayo et al.'s cascading randomisation instead
+(:func:`vitscope.analysis.faithfulness.randomisation_check`: blocks re-drawn from the top layer
+down, Spearman correlation of each method's map with the trained model's), on ``--images``
+photos (16 is plenty), and draws ``--figure``:
+``nice .venv/bin/python benchmarks/bench_explain.py --sanity-check --images 16 --out randomisation.json``
+
 Each image is explained for the class the model predicts, by every method of
 :mod:`vitscope.analysis.explain`; then its patches are removed in the order of the map and the
 model is run again:
@@ -19,6 +25,8 @@ model is run again:
   Gaussian-blurred copy of the image (kernel 11, sigma 5, as in RISE's code) or deleted to the
   per-image mean; area under the curve over 0..1 (insertion: higher is better, deletion: lower).
 
+The curves and their areas are :mod:`vitscope.analysis.faithfulness`'s (``perturbation_curves``,
+``curve_auc``), the same functions ``vitscope analyze --explain-faithfulness`` stores per image.
 Removal is by whole 16x16 patches (the unit every map scores; ``k = P * step // 10`` patches).
 Intervals are 95 % percentile bootstraps over images (1000 resamples, paired across methods).
 Each method's time is the median time of ``explain`` on one batch divided by the median time of a
@@ -40,134 +48,25 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import vitscope
 from vitscope.analysis.explain import METHODS, explain, explain_all
+from vitscope.analysis.faithfulness import (
+    METRICS,
+    RANDOMISATION_METHODS,
+    curve_auc,
+    perturbation_curves,
+    randomisation_check,
+    randomisation_summary,
+)
 from vitscope.core.stats import bootstrap_means
 
 SHARED = Path(os.environ.get("VITSCOPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-CHEFER_STEPS = 10  # 0, 10, ..., 90 % removed
-RISE_STEPS = 11  # 0, 10, ..., 100 %
-
-#: metric -> (description, which direction is better)
-METRICS: dict[str, tuple[str, str]] = {
-    "tokens_pos_acc": ("drop tokens, most relevant first: top-1 accuracy AUC", "lower"),
-    "tokens_neg_acc": ("drop tokens, least relevant first: top-1 accuracy AUC", "higher"),
-    "tokens_pos_prob": ("drop tokens, most relevant first: target probability AUC", "lower"),
-    "tokens_neg_prob": ("drop tokens, least relevant first: target probability AUC", "higher"),
-    "pixels_pos_acc": ("mean-fill pixels, most relevant first: top-1 accuracy AUC", "lower"),
-    "pixels_neg_acc": ("mean-fill pixels, least relevant first: top-1 accuracy AUC", "higher"),
-    "pixels_pos_prob": ("mean-fill pixels, most relevant first: target probability AUC", "lower"),
-    "pixels_neg_prob": ("mean-fill pixels, least relevant first: target probability AUC", "higher"),
-    "insertion": ("insertion into the blurred image: target probability AUC (RISE)", "higher"),
-    "deletion": ("deletion to the mean: target probability AUC (RISE)", "lower"),
-}
-
-
-def gaussian_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Separable Gaussian blur per channel, reflect-padded (so it commutes with the per-channel
-    normalisation: blurring the normalised input equals normalising the blurred photo)."""
-    r = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
-    k = torch.exp(-(r**2) / (2 * sigma**2))
-    k = k / k.sum()
-    C = x.shape[1]
-    pad = size // 2
-    y = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode="reflect"), k.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
-    return F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), k.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
-
-
-class Runner:
-    """The model's forward passes the benchmark needs, in chunks."""
-
-    def __init__(self, vit, chunk: int) -> None:
-        self.vit = vit
-        self.chunk = chunk
-
-    @torch.no_grad()
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.vit.logits(x[i : i + self.chunk]).softmax(-1) for i in range(0, x.shape[0], self.chunk)])
-
-    @torch.no_grad()
-    def probs_tokens(self, h: torch.Tensor) -> torch.Tensor:
-        """Run the blocks and the head on token sequences ``h`` (already embedded)."""
-        vit = self.vit
-        return torch.cat(
-            [vit.readout(vit.run_blocks(h[i : i + self.chunk])).softmax(-1) for i in range(0, h.shape[0], self.chunk)]
-        )
-
-
-def curves_for(runner: Runner, x, h, maps, target, label, mean_img, blurred, p_orig, p_mean, p_blur) -> dict[str, np.ndarray]:
-    """Every curve of one method for one batch: ``{name: (B, steps)}`` (accuracy as 0/1)."""
-    vit = runner.vit
-    layout = vit.layout
-    B = x.shape[0]
-    P = layout.num_patches
-    rows, cols = layout.grid
-    ph, pw = layout.patch_size
-    order = torch.argsort(maps.reshape(B, P), dim=1, descending=True, stable=True)  # most relevant first
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(P, device=order.device).expand(B, P))
-    ar = torch.arange(B, device=x.device)
-
-    def at_target(p: torch.Tensor) -> torch.Tensor:  # (S*B, C) -> (S, B) probability of the target
-        return p.view(-1, B, p.shape[-1])[:, ar, target]
-
-    def correct(p: torch.Tensor) -> torch.Tensor:
-        return (p.view(-1, B, p.shape[-1]).argmax(-1) == label).float()
-
-    n = [P * k // 10 for k in range(RISE_STEPS)]
-    # (a) tokens: per step one sequence length, positive and negative in one batch
-    prefix = h[:, : layout.num_prefix]
-    patches = h[:, layout.patch_slice]
-    tok_prob = {"pos": [at_target(p_orig)[0]], "neg": [at_target(p_orig)[0]]}
-    tok_acc = {"pos": [correct(p_orig)[0]], "neg": [correct(p_orig)[0]]}
-    for k in range(1, CHEFER_STEPS):
-        keep_pos = order[:, n[k] :]  # most relevant removed
-        keep_neg = order[:, : P - n[k]]  # least relevant removed
-        seqs = []
-        for keep in (keep_pos, keep_neg):
-            kept = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, patches.shape[-1]))
-            seqs.append(torch.cat([prefix, kept], dim=1))
-        p = runner.probs_tokens(torch.cat(seqs))
-        for j, side in enumerate(("pos", "neg")):
-            tok_prob[side].append(at_target(p)[j])
-            tok_acc[side].append(correct(p)[j])
-    # (b) pixels: positive and negative mean-fill and insertion, all steps in one stacked batch
-    masks = []  # (S, B, P) True = removed (or, for insertion, inserted)
-    for k in range(1, CHEFER_STEPS):
-        masks.append(rank < n[k])
-    for k in range(1, CHEFER_STEPS):
-        masks.append(rank >= P - n[k])
-    m = torch.stack(masks).view(-1, B, rows, cols)
-    pix = m.repeat_interleave(ph, dim=2).repeat_interleave(pw, dim=3)[:, :, None]  # (S, B, 1, H, W)
-    filled = torch.where(pix, mean_img[None], x[None])  # removed -> mean
-    inserted = torch.where(pix[: CHEFER_STEPS - 1], x[None], blurred[None])  # most relevant inserted
-    p = runner.probs(torch.cat([filled, inserted]).flatten(0, 1))
-    S = CHEFER_STEPS - 1
-    prob, acc = at_target(p), correct(p)
-    p0, a0 = at_target(p_orig)[0], correct(p_orig)[0]
-    out = {
-        "tokens_pos_acc": torch.stack(tok_acc["pos"], 1),
-        "tokens_neg_acc": torch.stack(tok_acc["neg"], 1),
-        "tokens_pos_prob": torch.stack(tok_prob["pos"], 1),
-        "tokens_neg_prob": torch.stack(tok_prob["neg"], 1),
-        "pixels_pos_acc": torch.cat([a0[:, None], acc[:S].T], 1),
-        "pixels_neg_acc": torch.cat([a0[:, None], acc[S : 2 * S].T], 1),
-        "pixels_pos_prob": torch.cat([p0[:, None], prob[:S].T], 1),
-        "pixels_neg_prob": torch.cat([p0[:, None], prob[S : 2 * S].T], 1),
-        # RISE: 0..100 %; deletion shares the positive mean-fill passes
-        "deletion": torch.cat([p0[:, None], prob[:S].T, at_target(p_mean)[0][:, None]], 1),
-        "insertion": torch.cat([at_target(p_blur)[0][:, None], prob[2 * S : 3 * S].T, p0[:, None]], 1),
-    }
-    return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def auc(curves: np.ndarray, name: str) -> np.ndarray:
-    """Per-image area under each curve: Chefer's x 100 over 0..0.9, RISE's over 0..1."""
-    if name in ("insertion", "deletion"):
-        return np.trapezoid(curves, dx=1.0 / (RISE_STEPS - 1), axis=1)
-    return 100.0 * np.trapezoid(curves, dx=0.1, axis=1)
+    """Per-image area under each curve (:func:`vitscope.analysis.faithfulness.curve_auc`)."""
+    return curve_auc(curves, name)
 
 
 CLOCK: Callable[[], float] = time.perf_counter
@@ -241,6 +140,55 @@ def table(res: dict, methods) -> str:
     return "\n".join(out)
 
 
+def sanity_check(vit, sample: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    """Cascading randomisation on ``rows``' photos: the per-image table, its summary (JSON at
+    ``--out``), a printed table and the figure at ``--figure``."""
+    import pandas as pd
+
+    from vitscope.figures.explain import plot_randomisation
+
+    started = time.perf_counter()
+    parts = []
+    top1 = []
+    for start in range(0, len(rows), args.batch):
+        part = rows[start : start + args.batch]
+        x = vit.preprocess([sample / r["path"] for r in part]).to(vit.device)
+        label = torch.tensor([int(r["class_index"]) for r in part], device=vit.device)
+        with torch.no_grad():
+            target = vit.logits(x).argmax(-1)
+        top1.append((target == label).cpu().numpy())
+        t = randomisation_check(vit, x, RANDOMISATION_METHODS, target=target, seed=0)
+        t["image"] += start
+        parts.append(t)
+        print(f"{start + len(part)}/{len(rows)} images, {time.perf_counter() - started:.0f} s", flush=True)
+    table = pd.concat(parts, ignore_index=True)
+    summary = randomisation_summary(table)
+    L = vit.num_layers
+    res = {
+        "model": "deit_tiny_patch16_224",
+        "images": len(rows),
+        "top1": float(np.concatenate(top1).mean()),
+        "target": "predicted class of the trained model, at every step",
+        "randomisation": "each parameter tensor of a block re-drawn from a normal with the tensor's own mean and std (seed 0)",
+        "wall_s": round(time.perf_counter() - started, 1),
+        "summary": summary.round(4).to_dict(orient="records"),
+    }
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    fig = plot_randomisation(summary, title=f"DeiT-Tiny, {len(rows)} ImageNet-sample photos (mean +- s.e.)")
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.figure, dpi=120)
+    steps = [k for k in (0, 1, 2, 3, 6, 9, L) if k <= L]
+    for col in ("spearman", "spearman_abs"):
+        print(f"\n{col}: mean over images (s.e.) by number of top blocks re-drawn\n")
+        print("| method | " + " | ".join(str(k) for k in steps) + " |")
+        print("|---|" + "---:|" * len(steps))
+        for method, g in summary.groupby("method", sort=False):
+            g = g.set_index("randomised")
+            cells = [f"{g.loc[k, f'{col}_mean']:.2f} ({g.loc[k, f'{col}_sem']:.2f})" if k else "1" for k in steps]
+            print(f"| {method} | " + " | ".join(cells) + " |")
+    print(f"\nwrote {args.out} and {args.figure}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=1000, help="number of ImageNet-sample photos (default 1000, all)")
@@ -260,6 +208,19 @@ def main() -> None:
         help="time with wall time, or this process's CPU time (steadier on a shared machine)",
     )
     ap.add_argument("--timing-only", action="store_true", help="measure the times on the first batch and stop")
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated explanation methods (default: all, {','.join(METHODS)})"
+    )
+    ap.add_argument(
+        "--sanity-check",
+        action="store_true",
+        help="run the cascading-randomisation sanity check (Adebayo et al. 2018) on --images photos instead",
+    )
+    ap.add_argument(
+        "--figure",
+        default=str(Path(__file__).resolve().parents[1] / "docs" / "figures" / "explain_randomisation.png"),
+        help="where --sanity-check draws its figure (PNG)",
+    )
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -273,8 +234,13 @@ def main() -> None:
     rows = list(csv.DictReader(open(sample / "labels.csv")))
     perm = np.random.default_rng(0).permutation(len(rows))[: args.images]
     rows = [rows[i] for i in perm]
-    methods = list(METHODS)
-    runner = Runner(vit, args.chunk)
+    if args.sanity_check:
+        sanity_check(vit, sample, rows, args)
+        return
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise SystemExit(f"--methods: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     per_image: dict[str, dict[str, list[np.ndarray]]] = {m: {k: [] for k in METRICS} for m in methods}
     timing: dict[str, float] = {}
     top1: list[np.ndarray] = []
@@ -312,17 +278,12 @@ def main() -> None:
                 Path(args.out).write_text(json.dumps({**meta, "time_forward_equivalents": timing}, indent=1))
                 return
         with torch.no_grad():
-            h = vit.embed(x)
-            p_orig = runner.probs_tokens(h)
-            target = p_orig.argmax(-1)
-            mean_img = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-            blurred = gaussian_blur(x)
-            p_mean = runner.probs(mean_img.contiguous())
-            p_blur = runner.probs(blurred)
+            # the prediction exactly as the curves' unperturbed point computes it
+            target = vit.readout(vit.run_blocks(vit.embed(x))).argmax(-1)
         top1.append((target == label).cpu().numpy())
         maps = explain_all(vit, x, methods, target=target)
-        for m in methods:
-            for k, v in curves_for(runner, x, h, maps[m], target, label, mean_img, blurred, p_orig, p_mean, p_blur).items():
+        for m, curves in perturbation_curves(vit, x, maps, target, label, chunk=args.chunk).items():
+            for k, v in curves.items():
                 per_image[m][k].append(v)
         elapsed = time.perf_counter() - started
         meta["top1"] = float(np.concatenate(top1).mean())

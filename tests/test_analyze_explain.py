@@ -15,7 +15,7 @@ from test_analyze import _make_images, _save_tiny_model, _tiny_settings  # noqa:
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-METHODS = ("rollout", "relevance", "attention")
+METHODS = ("rollout", "relevance", "attention", "interaction")
 
 
 @pytest.fixture(scope="module")

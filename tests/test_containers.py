@@ -45,7 +45,7 @@ def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
 @pytest.fixture
 def shards(tmp_path):
     """Two shards: six images with labels (.cls or .json), plus a sample without an image and a hidden file."""
-    a = _shard(tmp_path / "train-000.tar", [
+    _shard(tmp_path / "train-000.tar", [
         ("s/000", {"png": _png(0), "cls": b"3"}),
         ("s/001", {"png": _png(1), "cls": b" 1\n"}),
         ("s/002", {"txt": b"caption only"}),  # no image: not part of the set

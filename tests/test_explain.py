@@ -6,7 +6,10 @@ sum over images of each image's target logit). Rollout, gradient rollout and rel
 computed with plain per-image loops over full ``T x T`` matrices, in the papers' order (first layer
 to last), which is a different computation from the module's (row vectors, last layer first).
 Maps are compared per image relative to the reference map's largest value (all maps are below 1,
-so this is stricter than an absolute 1e-5).
+so this is stricter than an absolute 1e-5). The ``interaction`` map is checked the same way against
+an explicit loop over layers, heads and queries of the cross-entropy's gradient x attention, and,
+independently of any gradient, against central finite differences of knocking each key patch's
+attention column down in every layer of an unfused float64 timm model.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ class _Recorder(nn.Module):
         return a
 
 
-def reference_capture(vit, x, target=None):
-    """Per-layer attention ``(B, H, T, T)`` and d(sum_i logit_i[target_i]) / d attention, from
-    timm's unfused path on a deep copy; also the targets used."""
+def reference_capture(vit, x, target=None, *, loss=False):
+    """Per-layer attention ``(B, H, T, T)`` and d(sum_i logit_i[target_i]) / d attention (``loss``:
+    of the summed cross-entropies of the targets instead), from timm's unfused path on a deep copy;
+    also the targets used."""
     ref = copy.deepcopy(vit.module)
     recs = []
     for blk in ref.blocks:
@@ -56,7 +60,10 @@ def reference_capture(vit, x, target=None):
     x = x.clone().requires_grad_(True)  # the loaded model's parameters do not require grad
     logits = ref(x)
     t = logits.argmax(-1) if target is None else torch.as_tensor(target).expand(x.shape[0])
-    logits[torch.arange(x.shape[0]), t].sum().backward()
+    if loss:
+        nn.functional.cross_entropy(logits, t, reduction="sum").backward()
+    else:
+        logits[torch.arange(x.shape[0]), t].sum().backward()
     maps = [r.maps[0].detach() for r in recs]
     grads = [r.maps[0].grad.detach() for r in recs]
     return maps, grads, t
@@ -102,6 +109,18 @@ def ref_relevance(maps, grads, b, layout):
     return R[layout.cls_index, layout.patch_slice].reshape(layout.grid)
 
 
+def ref_interaction(maps, grads, b, layout):
+    """Ma et al.'s aggregated first-order impact of each key patch: an explicit loop over layers,
+    heads and every query token (prefix and patches) of ``-dloss/dA * A``."""
+    P = layout.num_patches
+    score = torch.zeros(P, dtype=torch.float64)
+    for A, G in zip(maps, grads):
+        for h in range(A.shape[1]):
+            for q in range(layout.num_tokens):
+                score -= (G[b, h, q, layout.patch_slice] * A[b, h, q, layout.patch_slice]).double()
+    return score.float().reshape(layout.grid)
+
+
 def ref_attention(maps, b, layout, head=None):
     A = maps[-1][b]
     A = A.mean(0) if head is None else A[head]
@@ -137,6 +156,10 @@ def check_against_reference(vit, x, target=None):
         explain(vit, x, "attention", head=head), torch.stack([ref_attention(maps, b, layout, head) for b in range(B)]), "attention head"
     )
     # the checks compared real maps, not constants
+    assert want.flatten(1).std(1).min().item() > 1e-3 * want.abs().max().item()
+    maps, grads, _ = reference_capture(vit, x, target, loss=True)
+    want = torch.stack([ref_interaction(maps, grads, b, layout) for b in range(B)])
+    assert_maps_equal(explain(vit, x, "interaction", target=target), want, "interaction")
     assert want.flatten(1).std(1).min().item() > 1e-3 * want.abs().max().item()
     return t
 
@@ -232,9 +255,87 @@ def test_images_as_paths(deit_tiny, deit_x, imagenet_images):
 # --------------------------------------------------------------------------- errors
 def test_unknown_method_lists_the_valid_ones(random_vit):
     x = torch.randn(1, 3, 32, 32)
-    for bad in ("gradcam", "interaction"):
-        with pytest.raises(ValueError, match="valid methods: attention, rollout, grad_rollout, relevance, random"):
+    for bad in ("gradcam", "patch_interaction"):
+        with pytest.raises(ValueError, match="valid methods: attention, rollout, grad_rollout, relevance, interaction, random"):
             explain(random_vit, x, bad)
+
+
+# --------------------------------------------------------------------------- interaction
+class _ColumnScale(nn.Module):
+    """Stands in for timm's ``attn_drop``: multiplies one key column of every head's post-softmax
+    attention by ``factor`` (no renormalisation), the knock-out of Ma et al. when ``factor = 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.column: int | None = None
+        self.factor = 1.0
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if self.column is None:
+            return a
+        a = a.clone()
+        a[..., self.column] = a[..., self.column] * self.factor
+        return a
+
+
+def test_interaction_equals_finite_difference_of_the_key_knockout():
+    """d loss / d eps of scaling key patch j's attention column by (1 - eps) in every layer, head and
+    query is, by the chain rule, exactly the first-order impact summed over them: checked by central
+    differences on an unfused float64 timm model, patch by patch."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(11)
+    m = VisionTransformer(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2.0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("qkv.weight"):
+                p.mul_(4.0)
+    m = m.double().eval()
+    ref = copy.deepcopy(m)
+    scales = []
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop = _ColumnScale()
+        scales.append(blk.attn.attn_drop)
+    vit = vitscope.load_model(m, device="cpu")
+    layout = vit.layout
+    torch.manual_seed(12)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    target = torch.tensor([1, 3])
+    got = explain(vit, x, "interaction", target=target).double().reshape(2, -1)
+
+    def loss(column: int, eps: float) -> torch.Tensor:
+        for s in scales:
+            s.column, s.factor = column, 1.0 - eps
+        with torch.no_grad():
+            return nn.functional.cross_entropy(ref(x), target, reduction="none")
+
+    step = 1e-5
+    want = torch.stack(
+        [(loss(layout.num_prefix + j, step) - loss(layout.num_prefix + j, -step)) / (2 * step) for j in range(layout.num_patches)],
+        dim=1,
+    )
+    scale = want.abs().max().item()
+    assert scale > 1e-4
+    # float32 maps (explain's output) against float64 differences
+    assert (got - want).abs().max().item() <= 1e-5 * scale + 1e-7
+    # and the sign convention: a patch whose knock-out raises the loss scores above 0
+    assert torch.equal(got > 0, want > 0)
+
+
+def test_interaction_is_the_runs_key_importance(random_vit):
+    from vitscope.analysis.interaction import first_order_impact, key_importance
+
+    torch.manual_seed(13)
+    x = torch.randn(3, 3, 32, 32)
+    r = first_order_impact(random_vit, x, [0, 2, 4])
+    want = torch.from_numpy(key_importance(r["impact"], r["prefix_impact"])).float().reshape(3, *random_vit.layout.grid)
+    torch.testing.assert_close(explain(random_vit, x, "interaction", target=[0, 2, 4]), want, rtol=0, atol=0)
+    together = explain_all(random_vit, x, ["relevance", "interaction"])
+    assert set(together) == {"relevance", "interaction"}
+    assert not torch.equal(explain(random_vit, x, "interaction", target=1), explain(random_vit, x, "interaction", target=2))
+    with pytest.raises(ValueError, match="not class indices"):
+        explain(random_vit, x, "interaction", target=-1)
 
 
 def test_no_cls_model_is_refused_by_name():
@@ -249,6 +350,7 @@ def test_no_cls_model_is_refused_by_name():
     with pytest.raises(ValueError, match="no CLS token"):
         explain_all(vit, x)
     assert explain(vit, x, "random").shape == (2, 2, 2)
+    assert explain(vit, x, "interaction").shape == (2, 2, 2)  # key impacts need no CLS token
 
 
 def test_bad_options(random_vit):

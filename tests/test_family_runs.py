@@ -55,6 +55,7 @@ FAMILIES = {
     "timm-eva02": lambda: _timm("eva02_tiny_patch14_224", img_size=28, patch_size=7, depth=2, num_classes=4),
     "timm-rope-mixed": lambda: _timm("vit_small_patch16_rope_mixed_224", **SMALL),
     "timm-beit": lambda: _timm("beit_base_patch16_224", **SMALL),
+    "timm-cait": lambda: _timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=4, init_values=0.5),
     **{name: (lambda name=name: _hf(name)) for name in ("hf-vit", "hf-deit-distilled", "hf-dinov2-registers", "hf-clip", "hf-siglip", "hf-beit")},
 }
 

@@ -16,11 +16,30 @@ literature compares, from vitscope's exact attention capture (no fused-attention
 - ``"relevance"``: Chefer, Gur & Wolf, "Generic Attention-model Explainability for Interpreting
   Bi-Modal and Encoder-Decoder Transformers" (ICCV 2021): ``R = I``, and for each layer
   ``R ← R + mean_h[(∂y/∂A ⊙ A)⁺] · R``; the explanation is the CLS row of ``R`` over the patches.
+- ``"interaction"``: each patch's aggregated first-order interaction impact (Ma et al.,
+  "Visualizing and Understanding Patch Interactions in Vision Transformer", 2022), the per-image
+  patch ranking that paper's indiscriminative-patch removal uses:
+
+      map[j] = -sum_l sum_q sum_h  dloss/dA_l^h[q, j] * A_l^h[q, j]
+
+  over every layer ``l``, every query token ``q`` (prefix tokens and patches) and every head ``h``,
+  for key patch ``j``, with ``loss`` the cross-entropy of the explained class. It is the
+  first-order estimate of how much the loss rises when patch ``j`` is removed as a *key* (its
+  post-softmax attention column zeroed, without renormalising) for every query in every layer,
+  i.e. :func:`vitscope.analysis.interaction.key_importance` of
+  :func:`~vitscope.analysis.interaction.first_order_impact`, the same numbers as a run's
+  ``interaction_key_importance``. Summed over all layers and queries, not read off the last
+  layer's CLS query, because the paper's patch explanation is the patch's impact through all its
+  interactions: in a CLS-readout model the last layer's CLS query alone is one layer's
+  gradient x attention, and the earlier layers are where patches interact with each other. Signed
+  (a patch whose removal would lower the loss scores below 0) and needs no CLS token.
 - ``"random"``: a seeded uniform map, the floor every explanation must beat in a faithfulness test.
 
 ``y`` is the logit of the explained class (``target``; default the model's own prediction), as in
-Chefer et al., who back-propagate the one-hot logit rather than a loss. Images in a batch stay
-independent: the gradient is that of ``sum_i y_i[target_i]``, and a ViT never mixes images.
+Chefer et al., who back-propagate the one-hot logit rather than a loss; ``"interaction"`` uses the
+explained class's cross-entropy instead, as Ma et al.'s interaction indicator is a loss change. Images
+in a batch stay independent: the gradient is that of ``sum_i y_i[target_i]`` (or of the summed
+losses), and a ViT never mixes images.
 
 Prefix tokens beyond CLS (distillation, registers) take part in every product like any token; only
 the final CLS row is restricted to the patch columns (``layout.patch_slice``) and reshaped to the
@@ -49,11 +68,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from vitscope.models.vit import ViT
 
 #: Every explanation method, in the order results are reported.
-METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance", "random")
+METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance", "interaction", "random")
 #: Methods that read the CLS token's attention row (they do not apply to pooling models).
 CLS_METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance")
 #: Methods that need one backward pass (of the target logit).
 GRADIENT_METHODS: tuple[str, ...] = ("grad_rollout", "relevance")
+#: Methods that need a classification head (a class logit or loss to differentiate).
+HEAD_METHODS: tuple[str, ...] = ("grad_rollout", "relevance", "interaction")
 #: How :func:`explain`'s ``"rollout"`` fuses the heads of a layer.
 HEAD_FUSIONS: tuple[str, ...] = ("mean", "max", "min")
 
@@ -77,7 +98,7 @@ def explain(vit: "ViT", x: Any, method: str, target: Target = None, **options: A
         method: one of :data:`METHODS`.
         target: the class to explain, an int for every image or one index per image (LongTensor
             ``(B,)`` or a sequence); ``None``: each image's predicted class. Only the gradient
-            methods (``grad_rollout``, ``relevance``) depend on it.
+            methods (``grad_rollout``, ``relevance``, ``interaction``) depend on it.
         **options: ``head`` (attention: one head instead of the mean), ``head_fusion`` (rollout:
             ``"mean"``, ``"max"`` or ``"min"``), ``discard_ratio`` (rollout, grad_rollout: fraction
             in ``[0, 1)`` of each layer's fused matrix entries zeroed, smallest first, the CLS→CLS
@@ -97,7 +118,8 @@ def explain_all(
 
     Same arguments as :func:`explain` with a sequence of ``methods``; each option applies to every
     requested method that reads it, and must be read by at least one of them. Returns
-    ``{method: (B, rows, cols)}`` in the order asked.
+    ``{method: (B, rows, cols)}`` in the order asked. ``"interaction"`` differentiates a loss, not
+    a logit, so it runs its own forward and backward beside the shared pass of the others.
     """
     methods = _check_methods(vit, methods)
     opts = _check_options(vit, methods, options)
@@ -112,9 +134,30 @@ def explain_all(
         out.update(maps)
     elif target is not None and vit.num_classes:
         _resolve_target(target, torch.zeros(B, dtype=torch.long, device=x.device), vit.num_classes)
+    if "interaction" in methods:
+        out["interaction"] = interaction_maps(vit, x, target)
     if "random" in methods:
         out["random"] = _random_maps(x, (rows, cols), int(opts["seed"])).to(x.device)
     return {m: out[m] for m in methods}
+
+
+def interaction_maps(vit: "ViT", x: torch.Tensor, target: Target = None) -> torch.Tensor:
+    """The ``"interaction"`` explanation of a preprocessed batch, ``(B, rows, cols)`` float32.
+
+    :func:`~vitscope.analysis.interaction.key_importance` (prefix queries included) of
+    :func:`~vitscope.analysis.interaction.first_order_impact` for the explained class: one forward
+    with the explicit kernel in every layer and one backward of the summed cross-entropies (about 3
+    forward-equivalents), no parameter gradients.
+    """
+    from vitscope.analysis.interaction import first_order_impact, key_importance
+
+    B = x.shape[0]
+    if target is not None:
+        # explain's target rules (no -1 for "the prediction"), checked before the passes run
+        target = _resolve_target(target, torch.zeros(B, dtype=torch.long), vit.num_classes).numpy()
+    r = first_order_impact(vit, x, target)
+    score = key_importance(r["impact"], r["prefix_impact"])  # (B, P) float64
+    return torch.from_numpy(score).to(torch.float32).reshape(B, *vit.layout.grid).to(x.device)
 
 
 # --------------------------------------------------------------------------- the one pass
@@ -272,25 +315,19 @@ def _check_methods(vit: "ViT", methods: Iterable[str]) -> list[str]:
         raise ValueError(f"no methods given; choose from {', '.join(METHODS)}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        extra = (
-            " ('interaction' is not an explanation method here: patch interactions are computed by "
-            "vitscope.analysis.interaction)"
-            if "interaction" in bad
-            else ""
-        )
-        raise ValueError(f"unknown explanation method(s) {bad}; valid methods: {', '.join(METHODS)}{extra}")
+        raise ValueError(f"unknown explanation method(s) {bad}; valid methods: {', '.join(METHODS)}")
     if vit.layout.cls_index is None:
         need = [m for m in methods if m in CLS_METHODS]
         if need:
             raise ValueError(
                 f"{vit.name} has no CLS token (it pools its patch tokens), so {', '.join(need)} cannot be computed: "
                 f"the methods {', '.join(CLS_METHODS)} all read the CLS token's row of attention, and none of them "
-                "applies to this model (only 'random' does)"
+                "applies to this model (only 'interaction' and 'random' do)"
             )
-    if any(m in GRADIENT_METHODS for m in methods) and not vit.num_classes:
+    if any(m in HEAD_METHODS for m in methods) and not vit.num_classes:
         raise ValueError(
-            f"{vit.name} has no classification head, so {', '.join(m for m in methods if m in GRADIENT_METHODS)} "
-            "(gradients of a class logit) cannot be computed; load a model with a classifier"
+            f"{vit.name} has no classification head, so {', '.join(m for m in methods if m in HEAD_METHODS)} "
+            "(gradients of a class logit or loss) cannot be computed; load a model with a classifier"
         )
     return methods
 

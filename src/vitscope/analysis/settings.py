@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 #: Settings that are switches (validated as bools, not integers).
-_BOOL_SETTINGS = ("interactions",)
+_BOOL_SETTINGS = ("interactions", "explain_faithfulness")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,17 @@ class AnalyzeSettings:
         explain: explanation methods (of :mod:`vitscope.analysis.explain`) whose map of every
             image is stored as ``explain/<method>`` (image, row, col), e.g. ``("rollout",
             "relevance")``; empty = none. See docs/explanations.md.
+        objective: what a pruned head is measured by. ``"label"`` (the default): the classifier's
+            probability, loss and accuracy for each image's label (or prediction); ``"embedding"``:
+            ``1 - cos`` between the pooled image embedding with the head pruned and the unpruned
+            one, defined for every model, backbones without a classifier included (DINOv2, CLIP and
+            SigLIP towers, MAE). Its runs have the ``embedding_change`` metric and curves instead of
+            the label metrics, no Taylor importance, no patch interactions and only the target-free
+            explanations (attention, rollout, random).
+        explain_faithfulness: also score every stored map's faithfulness (perturbation curves by
+            tokens and by pixels, insertion and deletion; :mod:`vitscope.analysis.faithfulness`)
+            into the ``explain_faithfulness`` table. Off by default: it costs about 45 forwards
+            per image and method. Needs ``explain``.
     """
 
     batch_size: int = 32
@@ -62,9 +73,19 @@ class AnalyzeSettings:
     curve_points: int = 7
     interactions: bool = False
     explain: tuple[str, ...] = ()
+    explain_faithfulness: bool = False
+    objective: str = "label"
 
     def validate(self) -> None:
-        choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch")}
+        choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch"), "objective": OBJECTIVES}
+        if self.objective == "embedding":
+            if self.interactions:
+                raise ValueError("patch interactions measure each key's impact on the target's loss, which the embedding "
+                                 "objective does not have; leave --interactions out or use --objective label")
+            needs_target = [m for m in self.explain if m in TARGET_EXPLANATIONS]
+            if needs_target:
+                raise ValueError(f"explanation method(s) {needs_target} follow the gradient of a class's loss, which the "
+                                 "embedding objective does not have; use attention, rollout or random")
         minimum = {"seed": 0, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "ae_min_steps": 0, "curve_points": 2}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -74,6 +95,11 @@ class AnalyzeSettings:
             if f.name in _BOOL_SETTINGS:
                 if not isinstance(v, bool):
                     raise ValueError(f"{f.name} must be True or False, got {v!r}")
+                if f.name == "explain_faithfulness" and v and not self.explain:
+                    raise ValueError(
+                        "explain_faithfulness scores the stored explanation maps, but no explanation method is asked "
+                        "for; pass --explain METHODS (e.g. --explain rollout,relevance) as well"
+                    )
                 continue
             if f.name in choices:
                 if v not in choices[f.name]:
@@ -92,6 +118,10 @@ class AnalyzeSettings:
             del d["explain"]
         else:
             d["explain"] = list(d["explain"])
+        if not d["explain_faithfulness"]:
+            del d["explain_faithfulness"]  # likewise: runs made before the option keep their fingerprint
+        if d["objective"] == "label":
+            del d["objective"]  # likewise
         return d
 
     def catalogue_inputs(self) -> dict[str, str]:
@@ -99,9 +129,14 @@ class AnalyzeSettings:
         return {"patch": self.patch_input, "cls": "cls"}
 
 
+#: What a pruned head is measured by (the names of ``vitscope.analysis.importance.OBJECTIVES``).
+OBJECTIVES: tuple[str, ...] = ("label", "embedding")
+#: Explanation methods that follow a class's loss gradient (not defined under the embedding objective).
+TARGET_EXPLANATIONS: tuple[str, ...] = ("grad_rollout", "relevance", "interaction")
+
 #: Explanation methods ``analyze`` can store (the names of ``vitscope.analysis.explain.METHODS``;
 #: listed here so that validating settings imports no torch).
-EXPLAIN_METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance", "random")
+EXPLAIN_METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance", "interaction", "random")
 
 
 def _validate_explain(methods: Any) -> None:

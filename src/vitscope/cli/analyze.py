@@ -60,7 +60,19 @@ def analyze(
         None,
         "--explain",
         help="also store every image's explanation maps: a comma-separated list of attention, rollout, grad_rollout, "
-        "relevance, random (see docs/explanations.md); 'all' for every one",
+        "relevance, interaction, random (see docs/explanations.md); 'all' for every one",
+    ),
+    explain_faithfulness: bool = typer.Option(
+        DEFAULTS.explain_faithfulness,
+        "--explain-faithfulness/--no-explain-faithfulness",
+        help="also score each stored map's faithfulness (perturbation by tokens and pixels, insertion/deletion AUCs) "
+        "into the explain_faithfulness table; needs --explain; about 45 forwards per image and method",
+    ),
+    objective: str = typer.Option(
+        DEFAULTS.objective,
+        "--objective",
+        help="what a pruned head is measured by: 'label' (the classifier's probability, loss and accuracy) or "
+        "'embedding' (1 - cos of the pooled image embedding; for every model, backbones without a classifier included)",
     ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
     workers: int = typer.Option(0, "--workers", min=0, help="image-decoding worker processes"),
@@ -97,6 +109,8 @@ def analyze(
             curve_images=curve_images,
             interactions=interactions,
             explain=_explain_methods(explain_methods),
+            explain_faithfulness=explain_faithfulness,
+            objective=objective,
         )
         settings.validate()
     except ValueError as e:

@@ -118,6 +118,10 @@ def fig_curves(run: "Run") -> "Figure":
     if "ranking" not in cv:  # a run from before held-out curves
         cv = cv.assign(ranking="in_sample")
     held = (cv["ranking"] == "held_out").any()
+    # Runs under the embedding objective measure how far pruning moves the embedding instead.
+    by_embedding = "mean_embedding_change" in cv and cv["accuracy"].isna().all()
+    y = "mean_embedding_change" if by_embedding else "accuracy"
+    cv = cv.assign(accuracy=cv[y])
     fig = _new_figure(6.4, 4.4)
     ax = fig.subplots()
     colours = {}
@@ -137,8 +141,9 @@ def fig_curves(run: "Run") -> "Figure":
             ax.plot(g["k"], g["accuracy"], ls=":", lw=1.0, color=colours.get(metric, "0.6"), label=f"{label} (in-sample)")
     n = int(cv["n_images"].iloc[0]) if "n_images" in cv and len(cv) else None
     ax.set_xlabel("heads pruned (most important first)")
-    ax.set_ylabel("accuracy" + (f" ({n} held-out images)" if n and held else f" ({n} images)" if n else ""))
-    ax.set_ylim(-0.02, 1.02)
+    what = "mean embedding change (1 - cos)" if by_embedding else "accuracy"
+    ax.set_ylabel(what + (f" ({n} held-out images)" if n and held else f" ({n} images)" if n else ""))
+    ax.set_ylim(-0.02, 1.02 if not by_embedding else max(1e-6, float(np.nanmax(cv["accuracy"]))) * 1.05)
     ax.set_title("Cumulative pruning curves" + (" (heads ranked on other images)" if held else ""))
     ax.legend(title="order by", fontsize=8)
     ax.grid(alpha=0.3)
@@ -306,10 +311,13 @@ def fig_prototypes(run: "Run", kind: str) -> "Figure":
 
 
 def fig_overview(run: "Run") -> "Figure":
-    """Every image laid out by its vector of per-head pruned probabilities: by class, and by probability."""
+    """Every image laid out by its vector of per-head pruned probabilities (embedding changes under
+    the embedding objective): by class, and by probability (embedding norm)."""
     im = run.images
     has_label = im["label"].notna()
-    cls = np.where(has_label, im["label"].astype("Float64").fillna(-1).to_numpy(), im["prediction"].to_numpy()).astype(int)
+    by_embedding = "prediction" not in im  # the embedding objective: no classifier output
+    fallback = np.full(len(im), -1) if by_embedding else im["prediction"].to_numpy()
+    cls = np.where(has_label, im["label"].astype("Float64").fillna(-1).to_numpy(), fallback).astype(int)
     names: dict[int, str] = {}
     for col_id, col_name in (("label", "label_name"), ("prediction", "prediction_name")):
         if col_name in im:
@@ -331,14 +339,21 @@ def fig_overview(run: "Run") -> "Figure":
         sel = cls == c
         name = names.get(int(c), str(c))
         ax.scatter(x[sel], y[sel], s=12, color=cmap(i % cmap.N), label=f"{name[:28]} ({int(sel.sum())})", linewidths=0)
-    source = "label" if has_label.all() else ("label, else prediction" if has_label.any() else "prediction")
+    source = "label" if has_label.all() else ("label, else prediction" if has_label.any() and not by_embedding else
+                                               "label; -1 = none" if by_embedding else "prediction")  # fmt: skip
     ax.set_xlabel("overview 1")
     ax.set_ylabel("overview 2")
-    ax.set_title("Images by their per-head pruned probabilities: class")
+    response = "embedding changes" if by_embedding else "pruned probabilities"
+    ax.set_title(f"Images by their per-head {response}: class")
     ax.legend(title=f"class ({source})", fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    sc = ax_p.scatter(x, y, c=im["base_prob"], cmap="viridis", vmin=0, vmax=1, s=12, linewidths=0)
-    fig.colorbar(sc, ax=ax_p, label=f"unpruned probability of the {source}")
+    if by_embedding:
+        sc = ax_p.scatter(x, y, c=im["embedding_norm"], cmap="viridis", s=12, linewidths=0)
+        fig.colorbar(sc, ax=ax_p, label="norm of the unpruned image embedding")
+        ax_p.set_title("... and embedding norm")
+    else:
+        sc = ax_p.scatter(x, y, c=im["base_prob"], cmap="viridis", vmin=0, vmax=1, s=12, linewidths=0)
+        fig.colorbar(sc, ax=ax_p, label=f"unpruned probability of the {source}")
+        ax_p.set_title("... and probability")
     ax_p.set_xlabel("overview 1")
     ax_p.set_ylabel("overview 2")
-    ax_p.set_title("... and probability")
     return fig

@@ -120,12 +120,15 @@ def _analyze_locked(
     from vitscope.models import ViT, load_model
 
     vit = model if isinstance(model, ViT) else load_model(model, weights=weights, device=device)
-    vit._require_head()
+    from vitscope.analysis.importance import check_objective
+
+    check_objective(vit, settings.objective)  # a backbone without a classifier is told to use the embedding objective
     image_set = load_images(images, labels=labels, limit=limit, class_names=vit.class_names)
     source = images if images is not None else ("sample" if labels is None else labels)
     if not image_set.records:
         raise ValueError(f"no images to analyse in {source}")
-    check_labels(image_set, vit)
+    if settings.objective == "label":
+        check_labels(image_set, vit)  # under the embedding objective labels are only recorded
     manifest = run_manifest(vit, image_set, settings, source=source, labels=labels, limit=limit, command=command)
 
     def open_folder() -> Optional[dict]:

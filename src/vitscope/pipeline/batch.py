@@ -46,6 +46,7 @@ def analyze_batch(
     *,
     pattern_size: int = 16,
     explain: Sequence[str] = (),
+    objective: str = "label",
     timings: Optional[dict[str, float]] = None,
 ) -> BatchResult:
     """Every per-image analysis of one batch.
@@ -54,12 +55,18 @@ def analyze_batch(
         x: preprocessed ``(B, C, H, W)`` images; ``labels``: class per image, ``-1`` = unknown (the
             model's own prediction then plays the label's part).
         image_ids: the images' ids, in batch order.
+        objective: ``"label"``, or ``"embedding"``: then ``images`` has ``image_id, target (the
+            label or -1), embedding_norm`` and ``image_heads`` has ``embedding_change`` instead of
+            the label columns and Taylor (see :func:`~vitscope.analysis.importance.head_sweep`).
 
     Returns rows of ``images`` (``image_id, prediction, probability, target, base_prob,
     base_loss, correct``), rows of ``image_heads`` (one per image, layer, head) and arrays:
     ``pattern_inputs/<kind> (B, L, H, C, S, S)`` for every map kind of
     :func:`~vitscope.analysis.patterns.pattern_inputs` (``offset``, ``patch`` and, with a CLS
-    token, ``cls``) and ``attention_sum (L, H, T, T)`` (float64 sum of the maps over the batch).
+    token, ``cls``), ``attention_sum (L, H, T, T)`` (float64 sum of the maps over the batch) and,
+    for each method in ``explain``, ``explain/<method> (B, rows, cols)`` float32: the explanation of
+    each image's target (:func:`~vitscope.analysis.explain.explain_all`; their faithfulness is
+    scored from these stored maps in the final steps, when the settings ask for it).
     """
     patterns = patterns_module()
     L, H, T = vit.num_layers, vit.num_heads, vit.num_tokens
@@ -78,45 +85,56 @@ def analyze_batch(
 
     clock = Clock(timings)
     with clock("stream"), torch.no_grad():
-        vit.stream(x, on_attention=on_attention)
+        vit.stream(x, on_attention=on_attention, maps="softmax")  # distributions over keys (CaiT: before its heads are mixed)
+    by_embedding = objective == "embedding"
     with clock("head_sweep"):
-        sweep = imp.head_sweep(vit, x, labels)
-    with clock("taylor"):
-        taylor = imp.taylor_importance(vit, x, torch.as_tensor(sweep["target"]))
-
+        sweep = imp.head_sweep(vit, x, labels, objective=objective)
     ids = np.asarray(list(image_ids), dtype=np.int64)
-    logits = torch.as_tensor(sweep["base_logits"]).double()
-    prediction = np.asarray(sweep["prediction"], dtype=np.int64)
-    probability = logits.softmax(-1).numpy()[np.arange(B), prediction]
-    images = pd.DataFrame(
-        {
-            "image_id": ids,
-            "prediction": prediction,
-            "probability": probability,
-            "target": np.asarray(sweep["target"], dtype=np.int64),
-            "base_prob": np.asarray(sweep["base_prob"], dtype=np.float64),
-            "base_loss": np.asarray(sweep["base_loss"], dtype=np.float64),
-            "correct": prediction == np.asarray(sweep["target"]),
-        }
-    )
 
     def flat(a: np.ndarray) -> np.ndarray:  # (B, L, H) -> (B*L*H,) in (image, layer, head) order
         return np.asarray(a).reshape(B * L * H)
 
+    keys = {
+        "image_id": np.repeat(ids, L * H),
+        "layer": np.tile(np.repeat(np.arange(L, dtype=np.int64), H), B),
+        "head": np.tile(np.arange(H, dtype=np.int64), B * L),
+    }
+    if by_embedding:
+        target = to_numpy(labels).astype(np.int64)
+        images = pd.DataFrame({"image_id": ids, "target": target, "embedding_norm": sweep["base_embedding_norm"]})
+        ih = pd.DataFrame({**keys, "embedding_change": flat(sweep["embedding_change"]),
+                           "layer_change": flat(sweep["layer_change"]), "layer_rel_l2": flat(sweep["layer_rel_l2"])})  # fmt: skip
+    else:
+        with clock("taylor"):
+            taylor = imp.taylor_importance(vit, x, torch.as_tensor(sweep["target"]))
+        logits = torch.as_tensor(sweep["base_logits"]).double()
+        prediction = np.asarray(sweep["prediction"], dtype=np.int64)
+        probability = logits.softmax(-1).numpy()[np.arange(B), prediction]
+        target = np.asarray(sweep["target"], dtype=np.int64)
+        images = pd.DataFrame(
+            {
+                "image_id": ids,
+                "prediction": prediction,
+                "probability": probability,
+                "target": target,
+                "base_prob": np.asarray(sweep["base_prob"], dtype=np.float64),
+                "base_loss": np.asarray(sweep["base_loss"], dtype=np.float64),
+                "correct": prediction == target,
+            }
+        )
+        ih = pd.DataFrame(
+            {
+                **keys,
+                "pruned_prob": flat(sweep["pruned_prob"]),
+                "pruned_loss": flat(sweep["pruned_loss"]),
+                "pruned_correct": flat(sweep["pruned_correct"]).astype(bool),
+                "layer_change": flat(sweep["layer_change"]),
+                "layer_rel_l2": flat(sweep["layer_rel_l2"]),
+                "taylor": flat(taylor).astype(np.float64),
+            }
+        )
+
     strength = {k: np.stack([per_layer[l][k] for l in range(L)], axis=1) for k in per_layer[0]}  # type: ignore[index]
-    ih = pd.DataFrame(
-        {
-            "image_id": np.repeat(ids, L * H),
-            "layer": np.tile(np.repeat(np.arange(L, dtype=np.int64), H), B),
-            "head": np.tile(np.arange(H, dtype=np.int64), B * L),
-            "pruned_prob": flat(sweep["pruned_prob"]),
-            "pruned_loss": flat(sweep["pruned_loss"]),
-            "pruned_correct": flat(sweep["pruned_correct"]).astype(bool),
-            "layer_change": flat(sweep["layer_change"]),
-            "layer_rel_l2": flat(sweep["layer_rel_l2"]),
-            "taylor": flat(taylor).astype(np.float64),
-        }
-    )
     for name in stg.SCALAR_MEASURES:
         ih[name] = flat(strength[name])
     G = strength["hop_profile"].shape[-1]
@@ -127,7 +145,8 @@ def analyze_batch(
         from vitscope.analysis.explain import explain_all
 
         with clock("explain"):
-            maps = explain_all(vit, x, list(explain), target=torch.as_tensor(sweep["target"]))
+            # Under the embedding objective only the target-free methods are allowed (settings).
+            maps = explain_all(vit, x, list(explain), target=None if by_embedding else torch.as_tensor(target))
         for method, m in maps.items():
             arrays[f"explain/{method}"] = to_numpy(m).astype(np.float32)
     return BatchResult(images=images, image_heads=ih, arrays=arrays)

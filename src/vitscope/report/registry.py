@@ -170,10 +170,12 @@ def winft_figures(run: "Run") -> list[ReportFigure]:
 
 @report_figures
 def explanation_figures(run: "Run") -> list[ReportFigure]:
-    """A run analysed with ``--explain``: the first images' maps of every stored method."""
+    """A run analysed with ``--explain``: the first images' maps of every stored method, and (with
+    ``--explain-faithfulness``) the methods' faithfulness AUCs."""
     methods = [name.split("/", 1)[1] for name in run.arrays() if name.startswith("explain/")]
     if not methods:
         return []
+    plan: list[ReportFigure] = []
 
     def draw() -> "Figure":
         from vitscope.data import ImageError, open_image
@@ -191,6 +193,21 @@ def explanation_figures(run: "Run") -> list[ReportFigure]:
         titles = [f"{int(i)}: {n}" for i, n in zip(images["image_id"], names)]
         return plot_explanations(maps, pictures, titles)
 
-    return [ReportFigure("explanations", "Explanations", "Each method's map of the first images' target class over the "
-                         "patch grid (scaled per map), over the image: " + ", ".join(methods) + ". See docs/explanations.md "
-                         "for what each computes and how faithful each is.", draw)]
+    plan.append(ReportFigure("explanations", "Explanations", "Each method's map of the first images' target class over the "
+                             "patch grid (scaled per map), over the image: " + ", ".join(methods) + ". See docs/explanations.md "
+                             "for what each computes and how faithful each is.", draw))
+    if run.has_table("explain_faithfulness"):
+        from vitscope.store.layout import EXPLAIN_TABLES
+
+        def draw_faithfulness() -> "Figure":
+            from vitscope.figures.explain import plot_faithfulness
+
+            return plot_faithfulness(run.table(EXPLAIN_TABLES[0]))
+
+        plan.append(ReportFigure("explain_faithfulness", "Explanations: faithfulness", "Mean area under each perturbation "
+                                 "curve over the images (bars: +- standard error), from the run's explain_faithfulness table: "
+                                 "patches removed most relevant first (lower is better) or least relevant first (higher is "
+                                 "better), as dropped tokens or mean-filled pixels; accuracy against the target and the "
+                                 "target's probability; and insertion into a blurred copy (higher is better) and deletion "
+                                 "(lower is better). A method must beat random to be faithful.", draw_faithfulness))
+    return plan

@@ -34,6 +34,9 @@ INTERACTION_TABLES = (
     "removal_summary",
     "interaction_agreement",
 )
+#: The tables of the explanation analyses (``analyze --explain ... --explain-faithfulness``), each
+#: ``<name>.parquet``: one row per (image, method) with the faithfulness AUCs.
+EXPLAIN_TABLES = ("explain_faithfulness",)
 #: Each chunk's own interaction and field statistics (``.npz``), merged over chunks at the end.
 INTERACTION_STATE = "interaction_state.npz"
 

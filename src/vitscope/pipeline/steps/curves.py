@@ -24,6 +24,9 @@ def curves(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame, hea
         held = imp.summarize_importance(image_heads[image_heads["image_id"].astype(int).isin(rank_ids)], rank_images, n_boot=0)
         rankings = {"held_out": held, **rankings}
     steps = imp.default_steps(len(heads), ctx.settings.curve_points)
-    df = imp.pruning_curves_by_ranking(ctx.vit, ctx.target_batches(subset), rankings, list(CURVE_METRICS), steps=steps, seed=ctx.settings.seed)
+    # The metrics this run measured (each objective has its own), and the random baseline.
+    metrics = [m for m in CURVE_METRICS if m == "random" or m in heads.columns]
+    df = imp.pruning_curves_by_ranking(ctx.vit, ctx.target_batches(subset), rankings, metrics, steps=steps, seed=ctx.settings.seed,
+                                       objective=ctx.settings.objective)
     df["n_rank_images"] = np.where(df["ranking"] == "held_out", len(rank_ids), len(images))
     return df

@@ -9,6 +9,7 @@ import pandas as pd
 
 from vitscope.pipeline.context import RunContext
 from vitscope.store import files
+from vitscope.store.layout import EXPLAIN_TABLES
 
 
 def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
@@ -26,7 +27,8 @@ def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, 
         raise ValueError(f"none of the {len(ctx.records)} images could be read ({reasons}{' ...' if len(failures) > 5 else ''})")
     images = pd.concat([st.read_chunk_table(i, "images") for i in with_rows], ignore_index=True)
     images.insert(3, "label_name", [_name(ctx.image_set.class_names, v) for v in images["label"]])
-    images.insert(5, "prediction_name", [_name(vit.class_names, v) for v in images["prediction"]])
+    if "prediction" in images.columns:  # (runs under the embedding objective have no prediction)
+        images.insert(5, "prediction_name", [_name(vit.class_names, v) for v in images["prediction"]])
     image_heads = pd.concat([st.read_chunk_table(i, "image_heads") for i in with_rows], ignore_index=True)
     n = len(images)
     H = vit.num_heads
@@ -56,9 +58,67 @@ def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, 
             chunks=(1, H, *total.shape[2:]),
             attrs={"dims": ["layer", "head", "query", "key"], "images": n, "what": "mean post-softmax attention over the analysed images"},
         )
+    if ctx.settings.explain_faithfulness:
+        explain_faithfulness(ctx, images)
+    else:
+        # A folder overwritten by a run without the table must not keep showing an older run's.
+        for name in EXPLAIN_TABLES:
+            st.table_path(name).unlink(missing_ok=True)
     st.write_table("image_heads", image_heads)
     files.write_parquet(base_path, images)  # written last: it marks the gather step as done
     return images, image_heads, failures
+
+
+def explain_faithfulness(ctx: RunContext, images: pd.DataFrame) -> None:
+    """Score every stored explanation map (``explain/<method>``, rows in ``images`` order) into the
+    ``explain_faithfulness`` table: one row per (image, method) with the AUCs of
+    :func:`vitscope.analysis.faithfulness.faithfulness_aucs`, the explained class and the accuracy
+    reference both being the image's target.
+
+    The images are decoded again one batch (``batch_size`` images) at a time; each batch's rows
+    are kept in ``work/`` as they are scored, so a resumed run neither decodes nor scores the
+    batches it had finished (the scoring costs about 45 forwards per image and method, far more
+    than the rest of the step).
+    """
+    import torch
+
+    from vitscope.analysis import faithfulness as fth
+
+    st, vit = ctx.store, ctx.vit
+    if st.has_table(EXPLAIN_TABLES[0]):
+        return
+    methods = list(ctx.settings.explain)
+    # Families that cannot run on a shortened sequence get NaN in the tokens columns.
+    forms = fth.REMOVAL_FORMS if fth.supports_token_dropping(vit) else ("pixels",)
+    row_of = {int(i): r for r, i in enumerate(images["image_id"])}
+    targets = images["target"].to_numpy(dtype=np.int64)
+    by_id = {r.image_id: r for r in ctx.records}
+    records = [by_id[int(i)] for i in images["image_id"]]
+    parts: list[pd.DataFrame] = []
+    size = ctx.settings.batch_size
+    with ctx.clock("explain_faithfulness"):
+        for start in range(0, len(records), size):
+            group = records[start : start + size]
+            path = st.work_path(f"{EXPLAIN_TABLES[0]}/{int(group[0].image_id):08d}.parquet")
+            if path.is_file():
+                parts.append(files.read_parquet(path))
+                continue
+            group_parts = []
+            for b in ctx.decode(group, lambda rec, why: None):  # one group in memory at a time
+                rows = np.asarray([row_of[int(i)] for i in b.image_ids], dtype=np.int64)
+                maps = {m: torch.as_tensor(np.asarray(st.array(f"explain/{m}").oindex[rows])) for m in methods}
+                aucs = fth.faithfulness_aucs(vit, b.x, maps, torch.as_tensor(targets[rows]), forms=forms)
+                group_parts.append(fth.faithfulness_table(images["image_id"].to_numpy()[rows], aucs))
+            if group_parts:
+                part = pd.concat(group_parts, ignore_index=True)
+                files.write_parquet(path, part)
+                parts.append(part)
+    table = pd.concat(parts, ignore_index=True) if parts else fth.faithfulness_table([], {m: {} for m in methods})
+    scored = set(table["image_id"].astype(int))
+    if scored != set(row_of):
+        missing = sorted(set(row_of) - scored)[:5]
+        raise ValueError(f"images {missing} could not be decoded again to score their explanations; rerun the command to retry")
+    st.write_table(EXPLAIN_TABLES[0], table)
 
 
 def _name(names: Optional[Sequence[str]], v: Any) -> Optional[str]:

@@ -15,7 +15,10 @@ def overview(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame) -
     if st.has_array("overview"):
         return st.array("overview")[...]
     L, H = ctx.vit.num_layers, ctx.vit.num_heads
-    mat = image_head_matrix(images, image_heads, "pruned_prob", L, H)
+    # Each image's response to pruning each head: the target's pruned probability, or under the
+    # embedding objective how far pruning moves its embedding.
+    column = "pruned_prob" if "pruned_prob" in image_heads.columns else "embedding_change"
+    mat = image_head_matrix(images, image_heads, column, L, H)
     xy = np.asarray(patterns_module().image_overview(mat, seed=ctx.settings.seed), dtype=np.float64)
     st.write_array("overview", xy, attrs={"dims": ["image", "xy"], "image_order": "images.parquet rows"})
     return xy

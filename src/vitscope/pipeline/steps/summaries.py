@@ -21,10 +21,12 @@ def summaries(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame) 
     # run which one the metrics measure, and how many images had a label.
     n_labelled = int(images["label"].notna().sum())
     target = "label" if n_labelled == len(images) else "prediction" if n_labelled == 0 else "mixed"
+    if s.objective == "embedding":
+        target = "embedding"  # no class is measured: the metrics compare embeddings
     at = heads.columns.get_loc("n_images") + 1
     heads.insert(at, "n_labelled", n_labelled)
     heads.insert(at + 1, "target", target)
-    if target == "mixed":
+    if target == "mixed":  # (never under the embedding objective)
         from vitscope.data import VitscopeDataWarning
 
         warnings.warn(
