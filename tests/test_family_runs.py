@@ -1,4 +1,4 @@
-"""A short ``analyze`` on every supported model family with a classifier: the whole pipeline
+"""A short ``analyze`` on every supported model family (with a classifier; backbones by their embedding): the whole pipeline
 (capture, head sweep, Taylor, strength, patterns, curves, overview) runs end to end on each layout
 (CLS or none, distillation, registers, rotary, relative position bias, talking heads), and the
 stored numbers agree with direct computations on the same model."""
@@ -96,3 +96,47 @@ def test_analyze_runs_on_every_family(family, folder, tmp_path):
     has_cls = vit.layout.cls_index is not None
     assert np.isfinite(heads["cls_self_mean"]).all() == has_cls
     assert run.manifest["model"]["layout"]["num_prefix"] == vit.layout.num_prefix
+
+
+def _hf_backbone(family: str):
+    import transformers as tr
+
+    c = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = {
+        "hf-clip-vision": lambda: tr.CLIPVisionModel(tr.CLIPVisionConfig(**c)),
+        "hf-siglip-vision": lambda: tr.SiglipVisionModel(tr.SiglipVisionConfig(**c)),
+        "hf-vit-mae": lambda: tr.ViTMAEModel(tr.ViTMAEConfig(**c, mask_ratio=0.0)),
+        "hf-dinov2-registers": lambda: tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(**c, num_register_tokens=2)),
+    }[family]()
+    return _randomise(model)
+
+
+BACKBONES = {
+    "timm-dinov3": lambda: _timm("vit_small_patch16_dinov3", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=0),
+    "timm-eva02": lambda: _timm("eva02_tiny_patch14_224", img_size=28, patch_size=7, depth=2, num_classes=0),
+    **{name: (lambda name=name: _hf_backbone(name)) for name in ("hf-clip-vision", "hf-siglip-vision", "hf-vit-mae", "hf-dinov2-registers")},
+}
+
+
+@pytest.mark.parametrize("family", list(BACKBONES))
+def test_analyze_runs_on_every_backbone_by_its_embedding(family, folder, tmp_path):
+    """Backbones without a classifier: ``objective="embedding"`` runs every analysis, and the stored
+    embedding change of a head equals 1 - cos of the masked model's embedding."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    vit = vitscope.load_model(BACKBONES[family](), device="cpu")
+    assert not vit.num_classes
+    run = vitscope.analyze(vit, folder, tmp_path / "run", settings=dataclasses.replace(SETTINGS, objective="embedding"), progress=False)
+    assert run.manifest["status"] == "complete" and len(run.heads) == vit.num_layers * vit.num_heads
+    from vitscope.data import iter_batches, load_images
+
+    batch = next(iter_batches(load_images(folder), vit.preprocessing, batch_size=6))
+    ih = run.table("image_heads").set_index(["layer", "head", "image_id"]).sort_index()
+    base = vit.embeddings(batch.x).double()
+    pruned = vit.embeddings(batch.x, masks={(1, 0): "all"}).double()
+    want = (1 - F.cosine_similarity(pruned, base, dim=1)).numpy()
+    got = ih.loc[(1, 0)].loc[batch.image_ids, "embedding_change"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
