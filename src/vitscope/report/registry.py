@@ -178,14 +178,18 @@ def explanation_figures(run: "Run") -> list[ReportFigure]:
     plan: list[ReportFigure] = []
 
     def draw() -> "Figure":
-        from vitscope.data import ImageError, open_image
+        from pathlib import Path
+
+        from vitscope.data import ImageError, ImageRecord
+        from vitscope.data.containers import open_record
         from vitscope.figures.explain import plot_explanations
 
         images = run.images.head(6)
+        members = images["member"] if "member" in images else [None] * len(images)
         pictures: list[Any] = []
-        for path in images["path"]:
-            try:
-                pictures.append(open_image(path))
+        for image_id, path, member in zip(images["image_id"], images["path"], members):
+            try:  # a file, or an image inside a WebDataset shard / dataset file
+                pictures.append(open_record(ImageRecord(int(image_id), Path(path), None, member if isinstance(member, str) else None)))
             except (ImageError, OSError):
                 pictures.append(None)  # the image has moved: the maps are drawn alone
         maps = {m: np.asarray(run.array(f"explain/{m}")[: len(images)]) for m in methods}
