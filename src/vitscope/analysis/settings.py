@@ -52,6 +52,12 @@ class AnalyzeSettings:
             SigLIP towers, MAE). Its runs have the ``embedding_change`` metric and curves instead of
             the label metrics, no Taylor importance, no patch interactions and only the target-free
             explanations (attention, rollout, random).
+        stream_dtype: the precision of the attention stream that the strength measures, the pattern
+            inputs and the mean attention are computed from: ``"float32"`` (the default, exact),
+            ``"bfloat16"`` or ``"float16"`` (autocast: matrix products in half precision, softmax
+            in float32; faster on GPUs, within the tolerances of docs/precision.md). Head pruning,
+            Taylor importance, curves, interactions and explanations always run in float32: their
+            small differences between two forwards would drown in half precision's rounding.
         explain_faithfulness: also score every stored map's faithfulness (perturbation curves by
             tokens and by pixels, insertion and deletion; :mod:`vitscope.analysis.faithfulness`)
             into the ``explain_faithfulness`` table. Off by default: it costs about 45 forwards
@@ -75,9 +81,11 @@ class AnalyzeSettings:
     explain: tuple[str, ...] = ()
     explain_faithfulness: bool = False
     objective: str = "label"
+    stream_dtype: str = "float32"
 
     def validate(self) -> None:
-        choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch"), "objective": OBJECTIVES}
+        choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch"), "objective": OBJECTIVES,
+                   "stream_dtype": STREAM_DTYPES}
         if self.objective == "embedding":
             if self.interactions:
                 raise ValueError("patch interactions measure each key's impact on the target's loss, which the embedding "
@@ -122,6 +130,8 @@ class AnalyzeSettings:
             del d["explain_faithfulness"]  # likewise: runs made before the option keep their fingerprint
         if d["objective"] == "label":
             del d["objective"]  # likewise
+        if d["stream_dtype"] == "float32":
+            del d["stream_dtype"]  # likewise
         return d
 
     def catalogue_inputs(self) -> dict[str, str]:
@@ -131,6 +141,8 @@ class AnalyzeSettings:
 
 #: What a pruned head is measured by (the names of ``vitscope.analysis.importance.OBJECTIVES``).
 OBJECTIVES: tuple[str, ...] = ("label", "embedding")
+#: Precisions the attention stream may run in (``AnalyzeSettings.stream_dtype``).
+STREAM_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: Explanation methods that follow a class's loss gradient (not defined under the embedding objective).
 TARGET_EXPLANATIONS: tuple[str, ...] = ("grad_rollout", "relevance", "interaction")
 

@@ -74,6 +74,12 @@ def analyze(
         help="what a pruned head is measured by: 'label' (the classifier's probability, loss and accuracy) or "
         "'embedding' (1 - cos of the pooled image embedding; for every model, backbones without a classifier included)",
     ),
+    stream_dtype: str = typer.Option(
+        DEFAULTS.stream_dtype,
+        "--dtype",
+        help="precision of the attention stream (strength, patterns, mean attention): float32, bfloat16 or float16 "
+        "(autocast; see docs/precision.md); pruning, Taylor, curves, interactions and explanations stay float32",
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
     workers: int = typer.Option(0, "--workers", min=0, help="image-decoding worker processes"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)"),
@@ -111,6 +117,7 @@ def analyze(
             explain=_explain_methods(explain_methods),
             explain_faithfulness=explain_faithfulness,
             objective=objective,
+            stream_dtype=stream_dtype,
         )
         settings.validate()
     except ValueError as e:

@@ -47,6 +47,7 @@ def analyze_batch(
     pattern_size: int = 16,
     explain: Sequence[str] = (),
     objective: str = "label",
+    stream_dtype: str = "float32",
     timings: Optional[dict[str, float]] = None,
 ) -> BatchResult:
     """Every per-image analysis of one batch.
@@ -58,6 +59,9 @@ def analyze_batch(
         objective: ``"label"``, or ``"embedding"``: then ``images`` has ``image_id, target (the
             label or -1), embedding_norm`` and ``image_heads`` has ``embedding_change`` instead of
             the label columns and Taylor (see :func:`~vitscope.analysis.importance.head_sweep`).
+        stream_dtype: precision of the attention stream (strength, pattern inputs, attention sum):
+            ``"float32"``, or ``"bfloat16"`` / ``"float16"`` under autocast; every pruning
+            measure runs in the model's own precision regardless.
 
     Returns rows of ``images`` (``image_id, prediction, probability, target, base_prob,
     base_loss, correct``), rows of ``image_heads`` (one per image, layer, head) and arrays:
@@ -84,7 +88,7 @@ def analyze_batch(
         attn_sum[layer] = attn.detach().to(torch.float64).sum(dim=0).cpu()
 
     clock = Clock(timings)
-    with clock("stream"), torch.no_grad():
+    with clock("stream"), torch.no_grad(), stream_precision(x.device, stream_dtype):
         vit.stream(x, on_attention=on_attention, maps="softmax")  # distributions over keys (CaiT: before its heads are mixed)
     by_embedding = objective == "embedding"
     with clock("head_sweep"):
@@ -150,6 +154,14 @@ def analyze_batch(
         for method, m in maps.items():
             arrays[f"explain/{method}"] = to_numpy(m).astype(np.float32)
     return BatchResult(images=images, image_heads=ih, arrays=arrays)
+
+
+def stream_precision(device: torch.device, dtype: str) -> Any:
+    """Autocast to ``dtype`` (``"bfloat16"``/``"float16"``) for the attention stream, or nothing for
+    ``"float32"``. Autocast keeps the softmax in float32 and runs the products in half precision."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 class Clock:

@@ -79,7 +79,8 @@ def run_chunks(ctx: RunContext, prog: Progress) -> None:
             batches = ctx.decode(records, on_failure)
         results = [
             analyze_batch(ctx.vit, b.x, b.labels, b.image_ids, pattern_size=ctx.settings.pattern_size,
-                          explain=ctx.settings.explain, objective=ctx.settings.objective, timings=ctx.timings)
+                          explain=ctx.settings.explain, objective=ctx.settings.objective,
+                          stream_dtype=ctx.settings.stream_dtype, timings=ctx.timings)  # fmt: skip
             for b in batches
         ]
         blobs = {}
