@@ -606,3 +606,91 @@ def test_a_run_made_with_a_weights_file_is_served_live_without_weights(tmp_path)
     file.unlink()
     live, reason, _ = load_live_model(run.manifest)
     assert live is None and str(file.resolve()) in reason and "--weights" in reason
+
+
+# --------------------------------------------------------------------------- first load
+def test_lru_computes_a_key_once_for_concurrent_callers_and_keeps_no_failure():
+    from vitscope.server.data import LRU
+
+    cache, calls, got = LRU(2), [], []
+    gate = threading.Event()
+
+    def slow() -> str:
+        calls.append(1)
+        gate.wait(10)
+        return "A"
+
+    threads = [threading.Thread(target=lambda: got.append(cache.get("a", slow))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert got == ["A"] * 4 and len(calls) == 1
+    with pytest.raises(ValueError, match="broken"):
+        cache.get("b", lambda: (_ for _ in ()).throw(ValueError("broken")))
+    assert cache.get("b", lambda: "B") == "B"
+
+
+def test_start_up_work_answers_byte_for_byte_as_on_request(server_run, vit):
+    """The answers the server prepares when it starts (the first screen's) are the ones computed on
+    request, and the first selection's live answers are the library's."""
+    from vitscope.server.app import create_app
+
+    first = int(server_run.images["image_id"].iloc[0])
+    tables = ["images", "heads", "image_heads", "curves", "agreement", "patterns", "pattern_clusters"]
+    urls = ["/api/run"] + [f"/api/table/{t}" for t in tables if (server_run.path / f"{t}.parquet").exists()]
+    urls += ["/api/array/patterns/patch/density", "/api/array/patterns/cls/prototypes", "/api/array/attention_mean?index=0,0"]
+    urls += [f"/api/image/{first}.png?size=176", f"/api/live/attention/{first}/0/0", f"/api/live/interaction/{first}/0/0"]
+    with TestClient(create_app(server_run, vit, warm=False)) as cold:
+        want = {u: cold.get(u) for u in urls}
+        want_pp = cold.get(f"/api/live/partial_pruning/{first}/0/0").json()
+    app = create_app(server_run, vit)
+    with TestClient(app) as warm:
+        assert app.state.warmed.wait(60), "the start-up work did not finish"
+        assert sorted(k[0] for k in app.state.first_screen.prepared) == ["attention", "interaction", "partial_pruning"]
+        for u in urls:
+            r = warm.get(u)
+            assert r.status_code == 200 and r.content == want[u].content, u
+            for h in ("content-type", "x-vitscope-dtype", "x-vitscope-shape", "x-vitscope-attrs"):
+                assert r.headers.get(h) == want[u].headers.get(h), (u, h)
+        _assert_pp_equal(warm.get(f"/api/live/partial_pruning/{first}/0/0").json(), _pp_reference(vit, server_run, first, 0, 0), first, 0, 0)
+        _assert_pp_equal(want_pp, _pp_reference(vit, server_run, first, 0, 0), first, 0, 0)
+        # A query the start-up work did not prepare is asked of the model as before.
+        other = int(server_run.images["image_id"].iloc[1])
+        _assert_pp_equal(warm.get(f"/api/live/partial_pruning/{other}/1/2").json(), _pp_reference(vit, server_run, other, 1, 2), other, 1, 2)
+
+
+def test_array_answers_are_kept_per_parsed_index(client, server_run):
+    a, b = client.get("/api/array/attention_mean", params={"index": "1,2"}), client.get("/api/array/attention_mean", params={"index": " 1, 2 "})
+    assert a.status_code == b.status_code == 200 and a.content == b.content
+    np.testing.assert_array_equal(_nd(a), zarr.open_array(str(server_run.path / "arrays.zarr" / "attention_mean"), mode="r")[1, 2])
+
+
+def test_index_page_preloads_the_start_up_requests(server_run, tmp_path):
+    """`GET /` names the app's first requests in a Link preload header, relative URLs that answer."""
+    from vitscope.server.app import create_app
+
+    static = tmp_path / "static"
+    static.mkdir()
+    (static / "index.html").write_text("<!doctype html><title>app</title>")
+    with TestClient(create_app(server_run, static_dir=static, warm=False)) as c:
+        r = c.get("/")
+        assert r.status_code == 200
+        links = [part.strip() for part in r.headers["link"].split(",")]
+        urls = [link.split(";")[0].strip().strip("<>") for link in links]
+        assert urls[0] == "api/run" and "api/table/images" in urls and "api/table/image_heads" in urls and len(urls) <= 5
+        for link, url in zip(links, urls):
+            assert {"rel=preload", "as=fetch", "crossorigin"} <= {p.strip() for p in link.split(";")[1:]}, link
+            assert not url.startswith("/") and c.get("/" + url).status_code == 200, url
+
+
+def test_lru_keeps_at_most_its_byte_budget():
+    from vitscope.server.data import LRU
+
+    cache = LRU(10, max_bytes=10, size=len)
+    for k in "abc":
+        cache.get(k, lambda k=k: k * 4)  # 4 bytes each: "a" is evicted when "c" arrives
+    assert cache.get("a", lambda: "new") == "new"
+    assert cache.get("big", lambda: "x" * 11) == "x" * 11 and cache.get("big", lambda: "again") == "again"

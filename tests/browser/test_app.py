@@ -5,16 +5,17 @@ place when the run or the server lacks something."""
 from __future__ import annotations
 
 import io
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 import pytest
 from PIL import Image
 
 import vitscope
-from harness import ARTIFACTS, VIEWS, select, shot, wait_drawn
+from harness import ARTIFACTS, READY_TIMEOUT_MS, VIEWS, select, shot, wait_drawn
 
 
 def _selection(pg) -> dict:
@@ -52,6 +53,37 @@ def test_every_view_draws_and_the_app_fits_one_screen(page, open_app, browser_ru
     shot(page, "app")
     for view in VIEWS:
         shot(page, f"view-{view}", f'[data-view="{view}"]')
+
+
+def test_ready_means_every_view_has_drawn_its_data_and_each_start_up_request_goes_once(page, server, browser_run):
+    """`ready` is set only once every view has drawn what the first selection asks of it, the live
+    model's answers included, even when they come last; the requests the index page preloads are
+    each sent once (the app's own fetches are answered by the preloads)."""
+    image = int(pd.read_parquet(browser_run / "images.parquet")["image_id"].iloc[3])
+    sent: list[str] = []
+    page.on("request", lambda req: sent.append(urlsplit(req.url).path))
+    # A selection the server did not prepare at start-up, and the model busy for a while: the live
+    # answers arrive well after every table and array.
+    busy = server.app.state.live.worker.executor.submit(time.sleep, 1.5)
+    page.goto(server.url + f"#image={image}&layer=1&head=2&ilayer=2&query=5")
+    page.wait_for_function("() => window.vitscope && window.vitscope.ready === true", timeout=READY_TIMEOUT_MS)
+    assert busy.done()
+    state = page.evaluate(
+        """() => ({
+            pending: [...window.vitscope.drawn.pending],
+            counts: window.vitscope.drawn.count,
+            pattern: window.vitscope.table("attention-pattern")[0],
+            interaction: window.vitscope.table("patch-interactions")[0],
+            modes: document.querySelectorAll('[data-role="partial-pruning"] [data-mode]').length,
+        })"""
+    )
+    assert state["pending"] == [], state["pending"]
+    assert all(state["counts"].get(v, 0) >= 1 for v in VIEWS), state["counts"]
+    assert state["pattern"].get("source") == "live" and state["pattern"].get("attention") is not None, state["pattern"]
+    assert state["interaction"].get("source") == "live" and state["interaction"].get("impact") is not None, state["interaction"]
+    assert state["modes"] == 6
+    for path in ("/api/run", "/api/table/images", "/api/table/heads", "/api/table/image_heads", "/api/table/patterns"):
+        assert sent.count(path) == 1, (path, sent.count(path))
 
 
 def test_a_permalink_restores_the_whole_selection(page, open_app, browser_run):

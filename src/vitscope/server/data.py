@@ -13,6 +13,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
@@ -24,27 +25,62 @@ from vitscope.server.errors import ApiError, bad_parameter, not_found
 WIRE_DTYPES = ("float32", "float64", "int32", "uint8")
 #: Largest side ``size=`` may ask for in ``/api/image``.
 MAX_IMAGE_SIZE = 2048
+#: Array answers (whole arrays or slices) kept in memory once read, in bytes all together; an
+#: answer larger than this is read each time.
+MAX_CACHED_ARRAY_BYTES = 256 * 2**20
 
 
 class LRU:
-    """A small thread-safe least-recently-used cache (values are computed outside the lock)."""
+    """A small thread-safe least-recently-used cache.
 
-    def __init__(self, capacity: int) -> None:
+    Values are computed outside the lock, once per key: a caller asking for a key that another
+    thread is computing waits for that computation instead of repeating it (the server warms its
+    caches on a background thread while the first page's requests for the same answers arrive).
+    A failed computation is not cached; its error reaches every caller that waited for it.
+    """
+
+    def __init__(self, capacity: int, *, max_bytes: Optional[int] = None, size: Optional[Callable[[Any], int]] = None) -> None:
+        """At most ``capacity`` values and, with ``max_bytes``, at most that many bytes of them as
+        ``size(value)`` counts them (a value larger than that alone is not kept)."""
         self.capacity = int(capacity)
+        self.max_bytes = max_bytes
+        self._size = size or (lambda _v: 0)
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._bytes: dict[Hashable, int] = {}
+        self._total = 0
+        self._computing: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value of ``key``, computed by ``make()`` when missing."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        value = make()
+            pending = self._computing.get(key)
+            if pending is None:
+                mine: Future = Future()
+                self._computing[key] = mine
+        if pending is not None:
+            return pending.result()
+        try:
+            value = make()
+        except BaseException as e:
+            with self._lock:
+                del self._computing[key]
+            mine.set_exception(e)
+            raise
+        nbytes = self._size(value) if self.max_bytes is not None else 0
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            del self._computing[key]
+            if self.max_bytes is None or nbytes <= self.max_bytes:
+                self._items[key] = value
+                self._bytes[key] = nbytes
+                self._total += nbytes
+                while len(self._items) > self.capacity or (self.max_bytes is not None and self._total > self.max_bytes):
+                    old, _ = self._items.popitem(last=False)
+                    self._total -= self._bytes.pop(old)
+        mine.set_result(value)
         return value
 
 
@@ -117,9 +153,11 @@ class RunData:
         self.path: Path = Path(run.path)
         self.manifest: dict[str, Any] = run.manifest
         self._tables = LRU(32)
+        self._arrays = LRU(256, max_bytes=MAX_CACHED_ARRAY_BYTES, size=lambda answer: len(answer[0]))
         self._images = LRU(256)
         self._lock = threading.Lock()
         self._images_df: Any = None
+        self._array_names: Optional[list[str]] = None
 
     # ----------------------------------------------------------------- names
     def table_names(self) -> list[str]:
@@ -127,7 +165,12 @@ class RunData:
         return sorted(p.stem for p in self.path.glob("*.parquet") if p.is_file() and not p.name.startswith("."))
 
     def array_names(self) -> list[str]:
-        return list(self.run.arrays())
+        """Every array of the run. Listed once: walking the zarr store takes tens of milliseconds,
+        every array request needs the list, and a finished run's arrays do not change."""
+        with self._lock:
+            if self._array_names is None:
+                self._array_names = list(self.run.arrays())
+            return list(self._array_names)
 
     # ----------------------------------------------------------------- tables
     def table_ipc(self, name: str, columns: Optional[str] = None) -> bytes:
@@ -160,12 +203,21 @@ class RunData:
 
     # ----------------------------------------------------------------- arrays
     def array_bytes(self, name: str, index: Optional[str] = None) -> tuple[bytes, dict[str, str]]:
-        """Array ``name`` (or ``array[index]``) as raw bytes and its ``X-Vitscope-*`` headers."""
+        """Array ``name`` (or ``array[index]``) as raw bytes and its ``X-Vitscope-*`` headers.
+
+        Answers are kept (reading and converting a zarr array costs far more than sending it), up
+        to :data:`MAX_CACHED_ARRAY_BYTES` in all, keyed by the parsed index so ``0,3`` and ``0, 3``
+        share one.
+        """
         names = self.array_names()
         if name not in names:
             raise not_found(f"run has no array {name!r}; it has: {', '.join(names) or 'none'}")
         arr = self.run.array(name)
         idx = parse_index(index, arr.shape, name)
+        return self._arrays.get((name, idx), lambda: self._read_array(arr, idx))
+
+    @staticmethod
+    def _read_array(arr: Any, idx: tuple[int, ...]) -> tuple[bytes, dict[str, str]]:
         data = to_wire(arr[idx] if idx else arr[...])
         return data.tobytes(), array_headers(data, dict(arr.attrs))
 
