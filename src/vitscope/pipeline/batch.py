@@ -67,7 +67,8 @@ def analyze_batch(
     base_loss, correct``), rows of ``image_heads`` (one per image, layer, head) and arrays:
     ``pattern_inputs/<kind> (B, L, H, C, S, S)`` for every map kind of
     :func:`~vitscope.analysis.patterns.pattern_inputs` (``offset``, ``patch`` and, with a CLS
-    token, ``cls``), ``attention_sum (L, H, T, T)`` (float64 sum of the maps over the batch) and,
+    token, ``cls``), ``attention_sum (L, H, T, T)`` (float64 sum of the maps over the batch; only
+    where :func:`keeps_mean_attention`) and,
     for each method in ``explain``, ``explain/<method> (B, rows, cols)`` float32: the explanation of
     each image's target (:func:`~vitscope.analysis.explain.explain_all`; their faithfulness is
     scored from these stored maps in the final steps, when the settings ask for it).
@@ -78,14 +79,18 @@ def analyze_batch(
     layout = vit.layout
     per_layer: list[Optional[dict[str, np.ndarray]]] = [None] * L
     pat: dict[str, list[Optional[np.ndarray]]] = {}
-    attn_sum = torch.zeros(L, H, T, T, dtype=torch.float64)
+    # The mean attention matrix is L x H x T x T per run: kept for the web app where it is small,
+    # left out for long sequences (a DINOv2-L at 518 px would need 5.8 GB), whose matrices the app
+    # computes live; the stream itself holds one layer's maps at a time either way.
+    attn_sum = torch.zeros(L, H, T, T, dtype=torch.float64) if keeps_mean_attention(L, H, T) else None
 
     def on_attention(layer: int, attn: torch.Tensor) -> None:
         # Everything that needs the full maps is computed here, so no layer's maps outlive its block.
         per_layer[layer] = stg.attention_strength(attn, layout)
         for kind, maps in patterns.pattern_inputs(attn, layout, size=pattern_size).items():
             pat.setdefault(kind, [None] * L)[layer] = to_numpy(maps)
-        attn_sum[layer] = attn.detach().to(torch.float64).sum(dim=0).cpu()
+        if attn_sum is not None:
+            attn_sum[layer] = attn.detach().to(torch.float64).sum(dim=0).cpu()
 
     clock = Clock(timings)
     with clock("stream"), torch.no_grad(), stream_precision(x.device, stream_dtype):
@@ -144,7 +149,8 @@ def analyze_batch(
     G = strength["hop_profile"].shape[-1]
     ih["hop_profile"] = list(strength["hop_profile"].reshape(B * L * H, G))
     arrays = {f"pattern_inputs/{k}": np.stack(v, axis=1) for k, v in pat.items()}  # type: ignore[arg-type]
-    arrays["attention_sum"] = attn_sum.numpy()
+    if attn_sum is not None:
+        arrays["attention_sum"] = attn_sum.numpy()
     if explain:
         from vitscope.analysis.explain import explain_all
 
@@ -154,6 +160,15 @@ def analyze_batch(
         for method, m in maps.items():
             arrays[f"explain/{method}"] = to_numpy(m).astype(np.float32)
     return BatchResult(images=images, image_heads=ih, arrays=arrays)
+
+
+#: Largest ``L * H * T * T`` for which a run stores the mean attention matrix (512 MiB in float64).
+MEAN_ATTENTION_MAX_CELLS = 1 << 26
+
+
+def keeps_mean_attention(num_layers: int, num_heads: int, num_tokens: int) -> bool:
+    """Whether a run of this model stores ``attention_mean`` (see :data:`MEAN_ATTENTION_MAX_CELLS`)."""
+    return num_layers * num_heads * num_tokens * num_tokens <= MEAN_ATTENTION_MAX_CELLS
 
 
 def stream_precision(device: torch.device, dtype: str) -> Any:

@@ -99,7 +99,8 @@ def write_chunk(ctx: RunContext, index: int, records: Sequence["ImageRecord"], b
         images = pd.concat([r.images for r in results], ignore_index=True)
         image_heads = pd.concat([r.image_heads for r in results], ignore_index=True)
         arrays = {k: np.concatenate([r.arrays[k] for r in results]) for k in results[0].arrays if k != "attention_sum"}
-        arrays["attention_sum"] = np.sum([r.arrays["attention_sum"] for r in results], axis=0)
+        if "attention_sum" in results[0].arrays:  # (not kept for long sequences)
+            arrays["attention_sum"] = np.sum([r.arrays["attention_sum"] for r in results], axis=0)
     else:
         images, image_heads, arrays = None, None, {}
     tables = {}

@@ -48,7 +48,7 @@ def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, 
                 part = st.read_chunk_array(i, name)
                 arr[pos : pos + len(part)] = part
                 pos += len(part)
-    if not st.has_array("attention_mean"):
+    if not st.has_array("attention_mean") and st.has_chunk_array(with_rows[0], "attention_sum"):
         total = np.zeros((vit.num_layers, H, vit.num_tokens, vit.num_tokens))
         for i in with_rows:  # in chunk order, one chunk in memory at a time
             total = total + st.read_chunk_array(i, "attention_sum")
