@@ -186,3 +186,31 @@ def test_analyze_runs_and_resumes_on_webdataset_shards(tmp_path):
     x_member = vit.preprocessing(_open(load_images(shard)[2]))
     x_file = vit.preprocessing(open_image(file))
     assert (x_member == x_file).all()
+
+
+def test_server_serves_and_queries_images_inside_shards(tmp_path):
+    """A run over a shard: the app's image is the shard member as the model sees it, and a live
+    partial pruning of it equals the library's on the same image read from a file."""
+    import io as _io
+
+    from fastapi.testclient import TestClient
+
+    import vitscope
+    from vitscope.analysis.settings import AnalyzeSettings
+    from vitscope.server.app import create_app
+    from vitscope.server.data import model_view
+
+    shard = _shard(tmp_path / "fm-000.tar", [(f"{i:03d}", {"png": _png(10 + i), "cls": str(i % 10).encode()}) for i in range(4)])
+    settings = AnalyzeSettings(batch_size=4, n_boot=10, ae_epochs=1, ae_min_steps=4, n_clusters=2, curve_images=2, curve_points=3, projection="pca")
+    run = vitscope.analyze("fmnist_vit_tiny", str(shard), tmp_path / "run", settings=settings, progress=False)
+    vit = vitscope.load_model("fmnist_vit_tiny", device="cpu")
+    client = TestClient(create_app(run.path, vit, warm=False))
+    file = tmp_path / "002.png"
+    file.write_bytes(_png(12))
+    r = client.get("/api/image/2.png")
+    assert r.status_code == 200
+    want = model_view(vit.preprocessing, file)
+    np.testing.assert_array_equal(np.asarray(Image.open(_io.BytesIO(r.content))), np.asarray(want))
+    got = client.get("/api/live/partial_pruning/2/3/1").json()
+    ref = vitscope.partial_pruning(vit, file, 3, 1, label=2)
+    np.testing.assert_allclose([m["label_prob"] for m in got["modes"]], ref["label_prob"], atol=1e-6)

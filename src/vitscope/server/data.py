@@ -250,6 +250,20 @@ class RunData:
             )
         return found
 
+    def decoded_image(self, image_id: Union[int, str]) -> Any:
+        """Image ``image_id`` decoded (a PIL image), from its file or from inside its container
+        (a WebDataset shard, a dataset file: the images table's ``member``); 409 when unreadable."""
+        from vitscope.data import ImageError, ImageRecord
+        from vitscope.data.containers import open_record
+
+        path = self.image_path(image_id)
+        member = self.image_row(image_id).get("member")
+        record = ImageRecord(parse_image_id(image_id), path, None, member if isinstance(member, str) else None)
+        try:
+            return open_record(record)
+        except (ImageError, OSError) as e:
+            raise ApiError(409, "image_unreadable", f"image {record.location} cannot be decoded ({e})") from e
+
     def preprocessing(self) -> Any:
         """The run's preprocessing (from its manifest), geometry only: the PIL resize and centre crop."""
         from vitscope.models.preprocessing import Preprocessing
@@ -269,19 +283,14 @@ class RunData:
         """Image ``image_id`` as the model sees it (resized, centre-cropped, not normalised) as PNG."""
         if size is not None and not 1 <= int(size) <= MAX_IMAGE_SIZE:
             raise bad_parameter(f"size={size} is out of range; give a side in pixels from 1 to {MAX_IMAGE_SIZE}")
-        path = self.image_path(image_id)
+        self.image_path(image_id)  # 404 / 409 before anything is cached
         iid = parse_image_id(image_id)
-        return self._images.get((iid, size), lambda: self._render_png(path, size))
+        return self._images.get((iid, size), lambda: self._render_png(iid, size))
 
-    def _render_png(self, path: Path, size: Optional[int]) -> bytes:
+    def _render_png(self, image_id: int, size: Optional[int]) -> bytes:
         from PIL import Image
 
-        from vitscope.data import ImageError
-
-        try:
-            img = model_view(self.preprocessing(), path)
-        except (ImageError, OSError) as e:
-            raise ApiError(409, "image_unreadable", f"image file {path} cannot be decoded ({e})") from e
+        img = model_view(self.preprocessing(), self.decoded_image(image_id))
         if size is not None:
             w, h = img.size
             s = size / max(w, h)
@@ -291,8 +300,9 @@ class RunData:
         return buf.getvalue()
 
 
-def model_view(prep: Any, path: Union[str, Path]) -> Any:
-    """The PIL image the model sees: the run's resize and centre crop, no normalisation.
+def model_view(prep: Any, path: Union[str, Path, Any]) -> Any:
+    """The PIL image the model sees of ``path`` (a file or a decoded PIL image): the run's resize
+    and centre crop, no normalisation.
 
     Uses :class:`vitscope.models.preprocessing.Preprocessing` itself with mean 0, std 1 and no
     rescaling, so the geometry is exactly the analysis's.

@@ -163,15 +163,11 @@ class LiveModel:
     # ------------------------------------------------------- model inputs
     def _input(self, image_id: int) -> Any:
         """The preprocessed ``(1, C, H, W)`` tensor of image ``image_id`` (the model's own pipeline)."""
-        path: Path = self.data.image_path(image_id)
+        self.data.image_path(image_id)  # 404 / 409 at once
 
         def make() -> Any:
-            from vitscope.data import ImageError
-
-            try:
-                return self.vit.preprocess([path])
-            except (ImageError, OSError) as e:
-                raise ApiError(409, "image_unreadable", f"image file {path} cannot be decoded ({e})") from e
+            # decoded from its file or from inside its container (409 when unreadable)
+            return self.vit.preprocess([self.data.decoded_image(image_id)])
 
         return self._inputs.get(int(image_id), make)
 
@@ -188,7 +184,7 @@ class LiveModel:
     # ---------------------------------------------------------------- queries
     async def attention(self, client: Optional[str], image_id: int, layer: int, head: int) -> np.ndarray:
         """``vit.attention(x)[0, layer, head]`` as float32 ``(T, T)``; only blocks ``0..layer`` run."""
-        vit = self._require()
+        self._require()  # 409 without a model, before anything is queued
         self.check_head(layer, head)
         self.data.image_path(image_id)  # 404 / 409 before queueing
 
