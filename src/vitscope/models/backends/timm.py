@@ -77,7 +77,8 @@ def _rope_qk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Opti
 
 
 def _eva_qkv(self: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``EvaAttention``'s q, k, v ``(B, H, N, d)``: fused or separate projections, q/v biases (no k bias)."""
+    """``EvaAttention``'s (and BEiT's) q, k, v ``(B, H, N, d)``: fused or separate projections,
+    q/v biases (no k bias)."""
     B, N, _ = x.shape
     if self.qkv is None:
         return tuple(proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))  # type: ignore[return-value]
@@ -153,17 +154,7 @@ def _beit_attention_forward(runtime: AttentionRuntime, layer: int, original):
         if plan is None:
             return original(x, shared_rel_pos_bias=shared_rel_pos_bias)
         B, N, C = x.shape
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x)
-                qkv += qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = _eva_qkv(self, x)  # BEiT's projection has EVA's q/v biases
         # the bias exactly as timm's fused path forms it
         rel_pos_bias = None
         if self.relative_position_bias_table is not None:
