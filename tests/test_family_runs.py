@@ -96,6 +96,17 @@ def test_analyze_runs_on_every_family(family, folder, tmp_path):
     has_cls = vit.layout.cls_index is not None
     assert np.isfinite(heads["cls_self_mean"]).all() == has_cls
     assert run.manifest["model"]["layout"]["num_prefix"] == vit.layout.num_prefix
+    # The app offers the partial-pruning modes this layout has, and the live answer has the same.
+    from fastapi.testclient import TestClient
+
+    from vitscope.capture.masks import regions_for
+    from vitscope.server.app import create_app
+
+    client = TestClient(create_app(run.path, vit, warm=False))
+    want = ["none", *regions_for(vit.layout)]
+    assert [m["region"] for m in client.get("/api/run").json()["modes"]] == want
+    live = client.get(f"/api/live/partial_pruning/{ids[0]}/{L - 1}/0").json()
+    assert [m["region"] for m in live["modes"]] == want
 
 
 def _hf_backbone(family: str):

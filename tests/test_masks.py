@@ -69,3 +69,26 @@ def test_prefix_tokens_other_than_cls_are_pruned_only_by_all():
 def test_cls_regions_on_a_model_without_cls_say_which_exist():
     with pytest.raises(ValueError, match="needs a CLS token.*'all', 'patch'"):
         region_matrix("cls_cross", LAYOUTS["siglip (no prefix)"])
+
+
+def test_partial_pruning_on_a_model_without_cls_has_modes_1_2_4():
+    """A SigLIP-like model (no prefix token, mean pooling): the modes that exist, numbered as in the
+    paper, each equal to the masked forward of its region."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import vitscope
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, num_classes=4, embed_dim=32, depth=2, num_heads=2, class_token=False, global_pool="avg")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vit = vitscope.load_model(model.eval(), device="cpu")
+    assert vit.layout.cls_index is None
+    x = torch.randn(1, 3, 32, 32)
+    df = vitscope.partial_pruning(vit, x, 1, 0, label=2)
+    assert list(df["mode"]) == [1, 2, 4] and list(df["region"]) == ["none", "all", "patch"]
+    for row in df.itertuples():
+        masks = None if row.region == "none" else {(1, 0): row.region}
+        want = float(vit.logits(x, masks=masks).double().softmax(-1)[0, 2])
+        assert abs(row.label_prob - want) <= 1e-6, row.region

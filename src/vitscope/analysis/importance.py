@@ -38,7 +38,7 @@ from vitscope.analysis.inputs import Targets
 from vitscope.analysis.inputs import as_batch as _as_batch
 from vitscope.analysis.inputs import resolve_targets as _resolve_targets
 from vitscope.analysis.inputs import split_batch as _split_batch
-from vitscope.capture.masks import REGIONS, region_matrix
+from vitscope.capture.masks import REGIONS, region_matrix, regions_for
 from vitscope.capture.runtime import LayerPlan
 from vitscope.core.indices import check_head
 from vitscope.analysis.metrics import HEAD_METRICS, ranking_metrics
@@ -375,7 +375,8 @@ def partial_pruning(
     Modes (rows, in the paper's order): 1 ``none``; 2 ``all`` (the whole matrix); 3 ``cls`` (CLS
     row + CLS column); 4 ``patch`` (patch->patch block); 5 ``cls_cross`` (CLS row + column without
     the CLS->CLS cell); 6 ``cls_self`` (the CLS->CLS cell only). Pruned cells are set to 0 without
-    renormalisation.
+    renormalisation. A model without a CLS token gets the modes that exist for it, 1, 2 and 4
+    (:func:`~vitscope.capture.masks.regions_for`), numbered as above.
 
     Args:
         image: a path, PIL image or array, or a preprocessed float ``(C, H, W)`` / ``(1, C, H, W)``
@@ -393,7 +394,8 @@ def partial_pruning(
     """
     vit._require_head()
     _check_head(vit, layer, head)
-    n = len(MODES)
+    modes = ("none", *regions_for(vit.layout))
+    n = len(modes)
     if stream is None:
         h = vit.run_blocks(vit.embed(_single_image(vit, image)), 0, layer)
     else:
@@ -402,11 +404,11 @@ def partial_pruning(
             raise ValueError(f"stream must be the (1, {vit.num_tokens}, D) residual stream entering block {layer}; got shape {tuple(h.shape)}")
     T, H = vit.num_tokens, vit.num_heads
     keep = torch.ones(n, H, T, T, dtype=h.dtype, device=h.device)
-    for i, region in enumerate(MODES):
+    for i, region in enumerate(modes):
         if region not in ("none", "all"):
             keep[i, head] = (~region_matrix(region, vit.layout)).to(device=h.device, dtype=h.dtype)
     gate = torch.ones(n, H, dtype=h.dtype, device=h.device)
-    gate[MODES.index("all"), head] = 0.0  # the whole matrix: same as zeroing the head's context
+    gate[modes.index("all"), head] = 0.0  # the whole matrix: same as zeroing the head's context
     plans = {layer: LayerPlan(keep=keep, head_gate=gate)}
     logits = vit.readout(vit.run_blocks(h.expand(n, -1, -1).contiguous(), layer, plans=plans))
     probs = logits.double().softmax(-1).cpu()
@@ -418,11 +420,11 @@ def partial_pruning(
     top_p, top_c = probs.topk(k, dim=-1)
     names = vit.class_names
     rows = []
-    for i, region in enumerate(MODES):
+    for i, region in enumerate(modes):
         classes = top_c[i].tolist()
         rows.append(
             {
-                "mode": i + 1,
+                "mode": MODES.index(region) + 1,  # the paper's number, also where modes are missing
                 "region": region,
                 "label": int(label),
                 "label_prob": float(probs[i, int(label)]),

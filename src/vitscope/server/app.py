@@ -343,6 +343,7 @@ def run_info(data: RunData, live: LiveModel) -> dict[str, Any]:
     arrays = data.array_names()
     heads_cols = _columns(data, "heads") if "heads" in tables else []
     layout = dict(model.get("layout", {}))
+    has_cls = layout.get("cls_index") is not None
     prep = model.get("preprocessing", {})
     input_size = prep.get("input_size") or [None, None, None]
     labels = False
@@ -378,7 +379,9 @@ def run_info(data: RunData, live: LiveModel) -> dict[str, Any]:
         "metrics": [c for c in heads_cols if f"{c}_lo" in heads_cols and f"{c}_hi" in heads_cols],
         "metric_labels": {c: metric_label(c) for c in heads_cols if f"{c}_lo" in heads_cols},
         "strength_measures": [c[: -len("_mean")] for c in heads_cols if c.endswith("_mean") and f"{c[:-5]}_median" in heads_cols],
-        "modes": [{"mode": i + 1, "region": r} for i, r in enumerate(MODES)],
+        # the partial-pruning modes this model has (without a CLS token: 1, 2 and 4)
+        "modes": [{"mode": i + 1, "region": r} for i, r in enumerate(MODES)
+                  if has_cls or not r.startswith("cls")],  # fmt: skip
         "tables": tables,
         "arrays": arrays,
     }
