@@ -277,3 +277,35 @@ def test_patch_interactions_show_a_winft_runs_masks(page, open_app, make_server,
     text = page.locator('[data-view="patch-interactions"]').inner_text()
     assert f"{masks[5].sum(-1).mean():.3f} per query in this layer" in text
     shot(page, "view-patch-interactions-winft", '[data-view="patch-interactions"]')
+
+
+def test_a_backbone_run_by_its_embedding_shows_embedding_changes(page, open_app, make_server, tmp_path):
+    """A run of a backbone without a classifier (``--objective embedding``): the app opens without
+    errors, the metric selector has the embedding change, the per-image grid shows each head's
+    embedding change (equal to the run's table) and the image view says why it has no prediction."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitscope.pipeline import AnalyzeSettings
+
+    torch.manual_seed(2)
+    model = VisionTransformer(img_size=28, patch_size=7, in_chans=3, num_classes=0, embed_dim=32, depth=2, num_heads=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    settings = AnalyzeSettings(batch_size=6, n_boot=20, ae_epochs=1, ae_min_steps=4, n_clusters=2, curve_images=3,
+                               curve_points=3, projection="pca", objective="embedding")  # fmt: skip
+    run = vitscope.analyze(model.eval(), "sample", tmp_path / "run", limit=8, settings=settings, progress=False)
+    srv = make_server(run.path, None, live_reason="no model in this test")
+    open_app(page, srv)
+    options = page.locator('[data-role="metric"] option').all_inner_texts()
+    assert any("embedding change" in o for o in options)
+    page.select_option('[data-role="metric"]', "embedding_change")
+    image = int(run.images["image_id"].iloc[3])
+    select(page, image=image, layer=1, head=1)
+    got = _rows(page, "head-importance").set_index(["layer", "head"])
+    ih = run.table("image_heads").set_index(["image_id", "layer", "head"])
+    want = [ih.loc[(image, layer, head), "embedding_change"] for layer, head in got.index]
+    np.testing.assert_allclose(got["embedding_change"].astype(float), want, rtol=1e-5, atol=1e-9)
+    assert "No prediction" in page.locator('[data-role="no-classifier"]').inner_text()
+    shot(page, "view-image-overview-embedding-objective", '[data-view="image-overview"]')
