@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
 import torch
 
+from vitscope.analysis.inputs import class_indices
 from vitscope.capture.runtime import LayerPlan
 from vitscope.models.vit import CaptureError
 
@@ -363,23 +364,9 @@ def _as_batch(vit: "ViT", x: Any) -> torch.Tensor:
 
 def _resolve_target(target: Target, prediction: torch.Tensor, num_classes: Optional[int]) -> torch.Tensor:
     """``target`` as a ``(B,)`` long tensor on ``prediction``'s device (``None``: the prediction)."""
-    B = prediction.shape[0]
     if target is None:
         return prediction
-    if isinstance(target, bool):
-        raise ValueError(f"target must be a class index or one per image, got {target!r}")
-    t = target.detach().to("cpu") if isinstance(target, torch.Tensor) else torch.as_tensor(target)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class indices, got dtype {t.dtype}")
-    t = t.to(torch.long)
-    if t.ndim == 0:
-        t = t.expand(B)
-    if tuple(t.shape) != (B,):
-        raise ValueError(f"target must be one class index, or one per image ({B}), got shape {tuple(t.shape)}")
-    bad = (t < 0) | (t >= (num_classes or 0))
-    if bool(bad.any()):
-        raise ValueError(f"target {t[bad].tolist()} are not class indices of this {num_classes}-class model")
-    return t.to(prediction.device)
+    return class_indices(target, prediction.shape[0], num_classes, "target").to(prediction.device)
 
 
 def _check(vit: "ViT", seen: set[int], wanted: list[int], phase: str) -> None:

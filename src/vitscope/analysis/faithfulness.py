@@ -347,20 +347,9 @@ def _check_forms(forms: Sequence[str]) -> tuple[str, ...]:
 
 
 def _as_classes(values: Any, B: int, what: str, vit: "ViT") -> "torch.Tensor":
-    import torch
+    from vitscope.analysis.inputs import class_indices  # here: the module imports no torch at load
 
-    t = values.detach().to("cpu") if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise ValueError(f"{what} must hold integer class indices, got dtype {t.dtype}")
-    t = t.to(torch.long)
-    if t.ndim == 0:
-        t = t.expand(B)
-    if tuple(t.shape) != (B,):
-        raise ValueError(f"{what} must be one class index per image ({B}), got shape {tuple(t.shape)}")
-    bad = (t < 0) | (t >= (vit.num_classes or 0))
-    if bool(bad.any()):
-        raise ValueError(f"{what} {t[bad].tolist()} are not class indices of this {vit.num_classes}-class model")
-    return t
+    return class_indices(values, B, vit.num_classes, what)
 
 
 # --------------------------------------------------------------------------- cascading randomisation

@@ -41,6 +41,28 @@ def resolve_targets(targets: Targets, prediction: torch.Tensor, num_classes: int
     return torch.where(t < 0, prediction, t)
 
 
+def class_indices(values: Any, B: int, num_classes: Any, what: str = "target") -> torch.Tensor:
+    """``values`` as a ``(B,)`` long CPU tensor of class indices (one index is repeated per image).
+
+    Strict: booleans, floats, a wrong count and indices outside ``0..num_classes - 1`` raise a
+    ``ValueError`` that names ``what`` (no ``-1`` placeholder, unlike :func:`resolve_targets`).
+    """
+    if isinstance(values, bool):
+        raise ValueError(f"{what} must be a class index or one per image, got {values!r}")
+    t = values.detach().to("cpu") if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{what} must hold integer class indices, got dtype {t.dtype}")
+    t = t.to(torch.long)
+    if t.ndim == 0:
+        t = t.expand(B)
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{what} must be one class index, or one per image ({B}), got shape {tuple(t.shape)}")
+    bad = (t < 0) | (t >= (num_classes or 0))
+    if bool(bad.any()):
+        raise ValueError(f"{what} {t[bad].tolist()} are not class indices of this {num_classes}-class model")
+    return t
+
+
 def split_batch(batch: Any) -> tuple[Any, Targets]:
     """``x``, ``(x, targets)`` or a :class:`vitscope.data.Batch` -> ``(x, targets)``."""
     if hasattr(batch, "x") and hasattr(batch, "labels"):
