@@ -610,7 +610,6 @@ def _curves(
     check_objective(vit, objective)
     if objective == "embedding":
         return _embedding_curves(vit, batches, orders, steps)
-    L, H = vit.num_layers, vit.num_heads
     configs = _pruned_configs(orders, steps)
     sums = {c: np.zeros(3) for c in configs}  # correct, prob, loss
     n_images = 0
@@ -622,12 +621,7 @@ def _curves(
         n_images += x.shape[0]
         for config in configs:
             if config:
-                gates = torch.ones(L, H, dtype=x.dtype, device=x.device)
-                for l, h in config:
-                    gates[l, h] = 0.0
-                start = min(l for l, _ in config)
-                plans = {l: LayerPlan(head_gate=gates[l][None]) for l in sorted({l for l, _ in config})}
-                logits = vit.readout(vit.run_blocks(stream[start], start, plans=plans))
+                logits = vit.readout(_run_pruned(vit, stream, config))
             else:
                 logits = base_logits
             logp = logits.double().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
@@ -649,6 +643,18 @@ def _curves(
     return df.reset_index(drop=True)
 
 
+def _run_pruned(vit: "ViT", stream: Sequence[torch.Tensor], config: frozenset[tuple[int, int]]) -> torch.Tensor:
+    """The last block's output with the heads of ``config`` pruned together, run from the recorded
+    input of the first pruned layer (the layers before it are unchanged)."""
+    h0 = stream[0]
+    gates = torch.ones(vit.num_layers, vit.num_heads, dtype=h0.dtype, device=h0.device)
+    for l, h in config:
+        gates[l, h] = 0.0
+    start = min(l for l, _ in config)
+    plans = {l: LayerPlan(head_gate=gates[l][None]) for l in sorted({l for l, _ in config})}
+    return vit.run_blocks(stream[start], start, plans=plans)
+
+
 def _pruned_configs(orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]) -> dict[frozenset[tuple[int, int]], list[tuple[str, int]]]:
     configs: dict[frozenset[tuple[int, int]], list[tuple[str, int]]] = {}
     for name, order in orders.items():
@@ -661,7 +667,6 @@ def _embedding_curves(
     vit: "ViT", batches: Iterable[Any], orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]
 ) -> pd.DataFrame:
     """:func:`_curves` under the embedding objective: mean ``1 - cos`` to the unpruned embedding."""
-    L, H = vit.num_layers, vit.num_heads
     configs = _pruned_configs(orders, steps)
     sums = dict.fromkeys(configs, 0.0)
     n_images = 0
@@ -674,12 +679,7 @@ def _embedding_curves(
         for config in configs:
             if not config:
                 continue  # nothing pruned: no change
-            gates = torch.ones(L, H, dtype=x.dtype, device=x.device)
-            for l, h in config:
-                gates[l, h] = 0.0
-            start = min(l for l, _ in config)
-            plans = {l: LayerPlan(head_gate=gates[l][None]) for l in sorted({l for l, _ in config})}
-            pruned = vit.embedding(vit.run_blocks(stream[start], start, plans=plans))
+            pruned = vit.embedding(_run_pruned(vit, stream, config))
             sums[config] += float(embedding_change(pruned, base).sum())
     if n_images == 0:
         raise ValueError("batches yielded no images")
