@@ -181,23 +181,30 @@ def _output_projection(block: torch.nn.Module) -> torch.nn.Module:
     return att.proj if hasattr(att, "proj") else att.o_proj
 
 
+def _zero_head_hook(vit, prune: tuple[int, int] | None) -> list:
+    """Hooks that remove head ``prune = (l, h)`` by zeroing its slice of the context where it
+    enters the output projection (none for ``prune=None``); the caller removes them."""
+    if prune is None:
+        return []
+    l, h = prune
+    proj = _output_projection(vit.backend.blocks[l])
+    d = proj.in_features // vit.num_heads
+
+    def zero_slice(_m, args):
+        ctx = args[0].clone()
+        ctx[..., h * d : (h + 1) * d] = 0
+        return (ctx, *args[1:])
+
+    return [proj.register_forward_pre_hook(zero_slice)]
+
+
 def _library_forward(vit, x: torch.Tensor, prune: tuple[int, int] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The library's own forward of the model (vitscope idle, no plan), with head ``prune = (l, h)``
     removed by zeroing its slice of the context where it enters the output projection: the logits
     and every block's output."""
-    blocks = vit.backend.blocks
     outs: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o)) for b in blocks]
-    if prune is not None:
-        l, h = prune
-        d = _output_projection(blocks[l]).in_features // vit.num_heads
-
-        def zero_slice(_m, args):
-            ctx = args[0].clone()
-            ctx[..., h * d : (h + 1) * d] = 0
-            return (ctx, *args[1:])
-
-        hooks.append(_output_projection(blocks[l]).register_forward_pre_hook(zero_slice))
+    hooks = [b.register_forward_hook(lambda _m, _a, o: outs.append(o[0] if isinstance(o, tuple) else o)) for b in vit.backend.blocks]
+    hooks += _zero_head_hook(vit, prune)
     try:
         with torch.no_grad():
             out = vit.module(x) if vit.library == "timm" else vit.module(pixel_values=x).logits
@@ -544,18 +551,7 @@ def test_pruning_curves_follow_metric_order(random_vit, rand_x):
 def _library_embedding(vit, x: torch.Tensor, prune: tuple[int, int] | None = None) -> torch.Tensor:
     """The library's own pooled embedding (timm's pre-logits head; HF's CLS after the final layer
     norm), with head ``prune`` removed by zeroing its context slice before the output projection."""
-    blocks = vit.backend.blocks
-    hooks = []
-    if prune is not None:
-        l, h = prune
-        d = _output_projection(blocks[l]).in_features // vit.num_heads
-
-        def zero_slice(_m, args):
-            ctx = args[0].clone()
-            ctx[..., h * d : (h + 1) * d] = 0
-            return (ctx, *args[1:])
-
-        hooks.append(_output_projection(blocks[l]).register_forward_pre_hook(zero_slice))
+    hooks = _zero_head_hook(vit, prune)
     m = vit.module
     try:
         with torch.no_grad():
