@@ -58,12 +58,8 @@ def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, 
             chunks=(1, H, *total.shape[2:]),
             attrs={"dims": ["layer", "head", "query", "key"], "images": n, "what": "mean post-softmax attention over the analysed images"},
         )
-    if ctx.settings.explain_faithfulness:
+    if ctx.settings.explain_faithfulness:  # (an older run's table goes with --overwrite: the store's clear)
         explain_faithfulness(ctx, images)
-    else:
-        # A folder overwritten by a run without the table must not keep showing an older run's.
-        for name in EXPLAIN_TABLES:
-            st.table_path(name).unlink(missing_ok=True)
     st.write_table("image_heads", image_heads)
     files.write_parquet(base_path, images)  # written last: it marks the gather step as done
     return images, image_heads, failures
