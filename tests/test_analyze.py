@@ -345,7 +345,7 @@ def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_p
 
     target = {
         "chunk": (chunks_mod, "analyze_batch", 2),
-        "curves": (importance, "pruning_curves_by_ranking", 1),
+        "curves": (importance, "ranking_curves_table", 1),
         "catalogue": (patterns, "catalogue_patterns", 2),
         "overview": (patterns, "image_overview", 1),
     }[stage]

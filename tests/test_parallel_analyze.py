@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -15,9 +16,10 @@ from test_analyze import assert_runs_equal  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# 8 images in 4 chunks: ranks 0 and 1 of a 2-process job analyse chunks 0, 2 and 1, 3.
+# 8 images in 4 chunks: ranks 0 and 1 of a 2-process job analyse chunks 0, 2 and 1, 3, then share the
+# curves (4 images in 2 batches: one each) and the pattern catalogues (patch on rank 0, CLS on rank 1).
 ARGS = ["-m", "fmnist_vit_tiny", "-i", "sample", "-n", "8", "-b", "2", "--boot", "50", "--ae-epochs", "1",
-        "--ae-min-steps", "10", "--clusters", "3", "--projection", "pca", "--curve-images", "2", "--threads", "1", "--quiet"]
+        "--ae-min-steps", "10", "--clusters", "3", "--projection", "pca", "--curve-images", "4", "--threads", "1", "--quiet"]
 
 # A rank of the job that SIGKILLs itself when it starts its second chunk (the job then stops).
 DYING = r"""
@@ -57,7 +59,7 @@ def reference(tmp_path_factory):
     """The same command in this process (one process, no torchrun)."""
     from vitscope.pipeline import AnalyzeSettings, analyze
 
-    settings = AnalyzeSettings(batch_size=2, n_boot=50, ae_epochs=1, ae_min_steps=10, n_clusters=3, projection="pca", curve_images=2)
+    settings = AnalyzeSettings(batch_size=2, n_boot=50, ae_epochs=1, ae_min_steps=10, n_clusters=3, projection="pca", curve_images=4)
     return analyze("fmnist_vit_tiny", "sample", tmp_path_factory.mktemp("one") / "run", limit=8, settings=settings, progress=False, device="cpu")
 
 
@@ -67,7 +69,11 @@ def test_two_processes_give_the_same_run_as_one(reference, tmp_path):
     done = _torchrun(2, tmp_path / "run", ["-m", "vitscope"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("wrote ") == 1, "only the first process reports"
-    assert_runs_equal(open_run(tmp_path / "run"), reference)
+    run = open_run(tmp_path / "run")
+    assert_runs_equal(run, reference)
+    # The curves' shares are added in batch order: the same table bit for bit, not only within 1e-6.
+    pd.testing.assert_frame_equal(run.store.read_table("curves"), reference.store.read_table("curves"), check_exact=True)
+    assert run.store.read_table("curves")["n_images"].eq(4).all()
 
 
 def test_a_dead_rank_loses_only_its_chunk_and_a_rerun_with_one_process_finishes(reference, tmp_path):

@@ -607,40 +607,71 @@ def _curves(
     the ``"embedding"`` objective the curve is the mean embedding change ``1 - cos`` (column
     ``mean_embedding_change``; accuracy, probability and loss are NaN).
     """
-    check_objective(vit, objective)
-    if objective == "embedding":
-        return _embedding_curves(vit, batches, orders, steps)
-    configs = _pruned_configs(orders, steps)
-    sums = {c: np.zeros(3) for c in configs}  # correct, prob, loss
-    n_images = 0
-    for batch in batches:
+    plan = CurvePlan(orders, steps, objective)
+    return plan.table([plan.batch_sums(vit, batch) for batch in batches])
+
+
+class CurvePlan:
+    """The pruned head sets of several cumulative-pruning curves, and how their rows are summed.
+
+    The curves are additive over images, so the work splits by batch: :meth:`batch_sums` of each
+    batch (on any process), then :meth:`table` of the sums in batch order — the same numbers, bit
+    for bit, however the batches were shared out.
+    """
+
+    #: Summed per image, per pruned set: under the label objective the correct count, the target's
+    #: probability and its loss; under the embedding objective the change ``1 - cos``.
+    SUMS = {"label": ("accuracy", "mean_prob", "mean_loss"), "embedding": ("mean_embedding_change",)}
+
+    def __init__(self, orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]], objective: str = "label"):
+        if objective not in self.SUMS:
+            raise ValueError(f"unknown objective {objective!r}; use one of {', '.join(self.SUMS)}")
+        self.orders, self.objective = dict(orders), objective
+        self.configs: dict[frozenset[tuple[int, int]], list[tuple[str, int]]] = {}
+        for name, order in orders.items():
+            for k in steps[name]:
+                self.configs.setdefault(frozenset(order[:k]), []).append((name, k))
+
+    @torch.no_grad()
+    def batch_sums(self, vit: "ViT", batch: Any) -> tuple[int, np.ndarray]:
+        """``(images, sums)`` of one batch: ``sums[i]`` holds :attr:`SUMS` over its images for the
+        ``i``-th pruned set."""
+        check_objective(vit, self.objective)
         xb, tb = _split_batch(batch)
         x = _as_batch(vit, xb)
+        out = np.zeros((len(self.configs), len(self.SUMS[self.objective])))
+        if self.objective == "embedding":
+            stream = [vit.embed(x)]
+            base = vit.embedding(vit.run_blocks(stream[0], on_block=lambda _l, o: stream.append(o)))
+            for i, config in enumerate(self.configs):
+                if config:  # (nothing pruned: no change)
+                    out[i, 0] = float(embedding_change(vit.embedding(_run_pruned(vit, stream, config)), base).sum())
+            return x.shape[0], out
         stream, base_logits = _record_stream(vit, vit.embed(x))
         target = _resolve_targets(tb, base_logits.argmax(-1), base_logits.shape[1])
-        n_images += x.shape[0]
-        for config in configs:
-            if config:
-                logits = vit.readout(_run_pruned(vit, stream, config))
-            else:
-                logits = base_logits
+        for i, config in enumerate(self.configs):
+            logits = vit.readout(_run_pruned(vit, stream, config)) if config else base_logits
             logp = logits.double().log_softmax(-1).gather(1, target[:, None]).squeeze(1)
-            sums[config] += [
-                float((logits.argmax(-1) == target).sum()),
-                float(logp.exp().sum()),
-                float(-logp.sum()),
-            ]
-    if n_images == 0:
-        raise ValueError("batches yielded no images")
-    rows = []
-    for config, uses in configs.items():
-        acc, prob, loss = sums[config] / n_images
-        for name, k in uses:
-            rows.append({"metric": name, "k": k, "accuracy": acc, "mean_prob": prob, "mean_loss": loss, "n_images": n_images})
-    order_of = {name: i for i, name in enumerate(orders)}
-    df = pd.DataFrame(rows)
-    df = df.sort_values(["metric", "k"], key=lambda s: s.map(order_of) if s.name == "metric" else s, kind="mergesort")
-    return df.reset_index(drop=True)
+            out[i] = [float((logits.argmax(-1) == target).sum()), float(logp.exp().sum()), float(-logp.sum())]
+        return x.shape[0], out
+
+    def table(self, parts: Sequence[tuple[int, np.ndarray]]) -> pd.DataFrame:
+        """The curves' rows from the :meth:`batch_sums` of every batch, in batch order."""
+        n_images, sums = 0, np.zeros((len(self.configs), len(self.SUMS[self.objective])))
+        for n, part in parts:  # one running sum, batch by batch, whatever process made each part
+            n_images += n
+            sums = sums + part
+        if n_images == 0:
+            raise ValueError("batches yielded no images")
+        columns = ("accuracy", "mean_prob", "mean_loss", *(("mean_embedding_change",) if self.objective == "embedding" else ()))
+        rows = []
+        for i, uses in enumerate(self.configs.values()):
+            values = dict.fromkeys(columns, np.nan) | dict(zip(self.SUMS[self.objective], sums[i] / n_images))
+            rows += [{"metric": name, "k": k, **values, "n_images": n_images} for name, k in uses]
+        order_of = {name: i for i, name in enumerate(self.orders)}
+        df = pd.DataFrame(rows)
+        df = df.sort_values(["metric", "k"], key=lambda s: s.map(order_of) if s.name == "metric" else s, kind="mergesort")
+        return df.reset_index(drop=True)
 
 
 def _run_pruned(vit: "ViT", stream: Sequence[torch.Tensor], config: frozenset[tuple[int, int]]) -> torch.Tensor:
@@ -653,44 +684,6 @@ def _run_pruned(vit: "ViT", stream: Sequence[torch.Tensor], config: frozenset[tu
     start = min(l for l, _ in config)
     plans = {l: LayerPlan(head_gate=gates[l][None]) for l in sorted({l for l, _ in config})}
     return vit.run_blocks(stream[start], start, plans=plans)
-
-
-def _pruned_configs(orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]) -> dict[frozenset[tuple[int, int]], list[tuple[str, int]]]:
-    configs: dict[frozenset[tuple[int, int]], list[tuple[str, int]]] = {}
-    for name, order in orders.items():
-        for k in steps[name]:
-            configs.setdefault(frozenset(order[:k]), []).append((name, k))
-    return configs
-
-
-def _embedding_curves(
-    vit: "ViT", batches: Iterable[Any], orders: Mapping[str, list[tuple[int, int]]], steps: Mapping[str, list[int]]
-) -> pd.DataFrame:
-    """:func:`_curves` under the embedding objective: mean ``1 - cos`` to the unpruned embedding."""
-    configs = _pruned_configs(orders, steps)
-    sums = dict.fromkeys(configs, 0.0)
-    n_images = 0
-    for batch in batches:
-        xb, _ = _split_batch(batch)
-        x = _as_batch(vit, xb)
-        stream = [vit.embed(x)]
-        base = vit.embedding(vit.run_blocks(stream[0], on_block=lambda _l, o: stream.append(o)))
-        n_images += x.shape[0]
-        for config in configs:
-            if not config:
-                continue  # nothing pruned: no change
-            pruned = vit.embedding(_run_pruned(vit, stream, config))
-            sums[config] += float(embedding_change(pruned, base).sum())
-    if n_images == 0:
-        raise ValueError("batches yielded no images")
-    order_of = {name: i for i, name in enumerate(orders)}
-    rows = [
-        {"metric": name, "k": k, "accuracy": np.nan, "mean_prob": np.nan, "mean_loss": np.nan,
-         "mean_embedding_change": sums[config] / n_images, "n_images": n_images}
-        for config, uses in configs.items() for name, k in uses
-    ]  # fmt: skip
-    df = pd.DataFrame(rows).sort_values(["metric", "k"], key=lambda s: s.map(order_of) if s.name == "metric" else s, kind="mergesort")
-    return df.reset_index(drop=True)
 
 
 def pruning_curves_by_ranking(
@@ -708,7 +701,25 @@ def pruning_curves_by_ranking(
 
     Each ``rankings[name]`` is a :func:`summarize_importance` table; identical pruned sets across
     rankings are evaluated once. Returns the columns of :func:`pruning_curves` after ``ranking``.
+    To share the batches out over several processes, use :func:`ranking_curve_plan` and
+    :func:`ranking_curves_table` instead.
     """
+    plan = ranking_curve_plan(vit, rankings, metrics, steps=steps, seed=seed, objective=objective)
+    return ranking_curves_table(plan, [plan.batch_sums(vit, batch) for batch in batches])
+
+
+def ranking_curve_plan(
+    vit: "ViT",
+    rankings: Mapping[str, pd.DataFrame],
+    metrics: Sequence[str],
+    *,
+    steps: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    objective: str = "label",
+) -> CurvePlan:
+    """The :class:`CurvePlan` of :func:`pruning_curves_by_ranking` (its orders are named
+    ``"<ranking>\x00<metric>"``; :func:`ranking_curves_table` splits them back)."""
+    check_objective(vit, objective)
     orders: dict[str, list[tuple[int, int]]] = {}
     for name, heads in rankings.items():
         for m in metrics:
@@ -720,7 +731,12 @@ def pruning_curves_by_ranking(
                 ranked = heads.sort_values([m, "layer", "head"], ascending=[False, True, True], na_position="last", kind="mergesort")
             orders[f"{name}\x00{m}"] = _order_list(vit, ranked, m)
     ks = {key: _check_steps(steps, len(o), key.split("\x00")[1]) for key, o in orders.items()}
-    df = _curves(vit, batches, orders, ks, objective)
+    return CurvePlan(orders, ks, objective)
+
+
+def ranking_curves_table(plan: CurvePlan, parts: Sequence[tuple[int, np.ndarray]]) -> pd.DataFrame:
+    """The table of :func:`pruning_curves_by_ranking` from a :func:`ranking_curve_plan`'s batch sums."""
+    df = plan.table(parts)
     split = df["metric"].str.split("\x00", n=1, expand=True)
     df.insert(0, "ranking", split[0])
     df["metric"] = split[1]

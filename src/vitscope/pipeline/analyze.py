@@ -122,8 +122,9 @@ def _analyze_locked(
     vit = model if isinstance(model, ViT) else load_model(model, weights=weights, device=device)
     from vitscope.analysis.importance import check_objective
 
-    check_objective(vit, settings.objective)  # a backbone without a classifier is told to use the embedding objective
-    image_set = load_images(images, labels=labels, limit=limit, class_names=vit.class_names)
+    if settings.objective in ("label", "embedding"):
+        check_objective(vit, settings.objective)  # a backbone without a classifier is told to use the embedding objective
+    image_set = load_images(images, labels=labels, limit=limit, class_names=vit.class_names if settings.objective == "label" else None)
     source = images if images is not None else ("sample" if labels is None else labels)
     if not image_set.records:
         raise ValueError(f"no images to analyse in {source}")
@@ -161,11 +162,15 @@ def _analyze_locked(
                                f"({describe_mismatch(shared, manifest)}); start every process with the same command")
     manifest = shared
 
-    ctx = RunContext(vit, image_set, store, settings, manifest, num_workers=num_workers, job=job)
+    from vitscope.pipeline.readout import run_readout
+
+    # Under the zero-shot and probe objectives the backbone is scored through a class readout.
+    readout = run_readout(vit, image_set, settings, store, job, num_workers=num_workers)
+    ctx = RunContext(readout.models[0], image_set, store, settings, manifest, num_workers=num_workers, job=job, readout=readout)
     with progress_for(progress, console) as prog:
         chunks.run_chunks(ctx, prog)
         job.barrier()  # every chunk of every rank is published
-        job.from_main(lambda: steps.finish(ctx, prog))
+        steps.finish(ctx, prog)  # (on every rank: they share the curves and the pattern catalogues)
     run = open_run(store.path)
     if run.manifest.get("failures"):
         console.print(f"skipped {len(run.manifest['failures'])} unreadable image(s); they are listed in {store.manifest_path}")

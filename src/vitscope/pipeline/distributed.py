@@ -2,8 +2,11 @@
 
 Every chunk is independent (its own partial sums, merged in chunk order by the final steps), so a
 job of N processes writes the same chunk folders as one process would: rank ``r`` analyses the
-unfinished chunks ``i`` with ``i % N == r``, rank 0 runs the final steps once every rank is done.
-The run is therefore the same for any number of processes, and a run started with N resumes with M.
+unfinished chunks ``i`` with ``i % N == r``. Once every rank is done, the final steps run on rank 0,
+except the two that cost most, which are shared out too: the pruning curves (each rank sums its
+share of the curve images' batches, added in batch order on rank 0) and the pattern catalogues (one
+autoencoder per rank). The run is therefore the same, bit for bit, for any number of processes, and
+a run started with N resumes with M.
 
 The run folder's lock belongs to the job: rank 0 takes it and records the job's id, the other
 ranks check that the holder is their own job, and any other command is refused as usual.
@@ -68,6 +71,28 @@ class Job:
                 raise value
             raise type(value)(*value.args) if isinstance(value, Exception) else RuntimeError(str(value))
         return value
+
+
+    def everyone(self, make: Callable[[], T]) -> list[T]:
+        """``make()`` run on every rank at once; every rank gets the list of all ranks' values, in
+        rank order. An error on any rank is raised on every rank (none waits for a value that never
+        comes)."""
+        if self.world == 1:
+            return [make()]
+        import torch.distributed as dist
+
+        try:
+            mine: tuple[str, Any] = ("ok", make())
+        except BaseException as e:  # handed to the other ranks, then re-raised here
+            mine = ("error", e)
+        boxes: list[Any] = [None] * self.world
+        dist.all_gather_object(boxes, mine)
+        for rank, (kind, value) in enumerate(boxes):
+            if kind == "error":
+                if rank == self.rank:
+                    raise value
+                raise type(value)(*value.args) if isinstance(value, Exception) else RuntimeError(f"rank {rank} failed: {value!r}")
+        return [value for _, value in boxes]
 
 
 def current_job(device: Any = None) -> Job:

@@ -8,27 +8,32 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pandas as pd
 
 from vitscope.core.progress import Progress
 from vitscope.pipeline.context import RunContext
-from vitscope.pipeline.steps.curves import curves
+from vitscope.pipeline.steps.curves import curve_plan, curves
 from vitscope.pipeline.steps.gather import gather
 from vitscope.pipeline.steps.interactions import interactions
 from vitscope.pipeline.steps.model_masks import model_masks
 from vitscope.pipeline.steps.overview import overview
-from vitscope.pipeline.steps.patterns import patterns
+from vitscope.pipeline.steps.patterns import catalogue_arrays, pattern_tables
 from vitscope.pipeline.steps.summaries import summaries
 from vitscope.store.manifest import completed_manifest
 
 
 def finish(ctx: RunContext, prog: Progress) -> None:
-    """Every final step, then the final tables and the completed manifest; the chunks go last."""
+    """Every final step, then the final tables and the completed manifest; the chunks go last.
+
+    Call it on every rank of a job: rank 0 runs the steps, except the curves and the pattern
+    catalogues, which every rank shares (see :mod:`vitscope.pipeline.distributed`).
+    """
+    job = ctx.job
     cats = ctx.catalogues()
-    names = ["gather", "summaries", "curves", *[f"patterns ({k})" for k in cats], "overview",
+    names = ["gather", "summaries", "curves", "patterns", "overview",
              *(["interactions"] if ctx.settings.interactions else []), "tables"]
     task = prog.add_task("final steps", total=len(names))
     st = ctx.store
@@ -40,17 +45,40 @@ def finish(ctx: RunContext, prog: Progress) -> None:
             yield
         prog.advance(task)
 
-    with step("gather", "gathering chunks"):
-        images_base, image_heads, failures = gather(ctx)
-    with step("summaries", "head summaries"):
-        heads = summaries(ctx, images_base, image_heads)
+    def first_steps() -> tuple[pd.DataFrame, pd.DataFrame, list, pd.DataFrame, Optional[tuple]]:
+        with step("gather", "gathering chunks"):
+            images_base, image_heads, failures = gather(ctx)
+        with step("summaries", "head summaries"):
+            heads = summaries(ctx, images_base, image_heads)
+        plan = None if st.has_table("curves") else curve_plan(ctx, images_base, image_heads, heads)
+        return images_base, image_heads, failures, heads, plan
+
+    # Rank 0 gathers; the others get only what their share of the curves needs.
+    if job.world == 1:
+        images_base, image_heads, failures, heads, plan = first_steps()
+    else:
+        kept: dict = {}
+        plan = job.from_main(lambda: kept.setdefault("first", first_steps())[4])
+        if job.is_main:
+            images_base, image_heads, failures, heads, _ = kept["first"]
     with step("curves", "pruning curves"):
-        if not st.has_table("curves"):
-            st.write_table("curves", curves(ctx, images_base, image_heads, heads))
+        if plan is not None:
+            table = curves(ctx, *plan)
+            if job.is_main:
+                st.write_table("curves", table)
+    with step("patterns", f"attention patterns ({', '.join(cats)})"):  # (timings: "patterns")
+        # One catalogue per rank at a time (the arrays land in the store; rank 0 reads them back).
+        job.everyone(lambda: [catalogue_arrays(ctx, kind, inp) for i, (kind, inp) in enumerate(cats.items()) if job.owns(i)])
+    job.from_main(lambda: _finish_main(ctx, prog, task, step, images_base, image_heads, failures, heads))
+
+
+def _finish_main(ctx: RunContext, prog: Progress, task: Any, step: Any, images_base: pd.DataFrame, image_heads: pd.DataFrame,
+                 failures: list, heads: pd.DataFrame) -> None:
+    """The final steps after the shared ones, on rank 0 alone."""
+    st, cats = ctx.store, ctx.catalogues()
     pattern_frames, cluster_frames, dominant = [], [], []
-    for kind, input_kind in cats.items():
-        with step(f"patterns_{kind}", f"{kind} attention patterns"):
-            maps, clusters, dom = patterns(ctx, kind, input_kind, images_base)
+    for kind in cats:
+        maps, clusters, dom = pattern_tables(ctx, kind, images_base)
         pattern_frames.append(maps)
         cluster_frames.append(clusters)
         dominant.append(dom)

@@ -20,11 +20,16 @@ from vitscope.store import files
 
 
 def patterns(ctx: RunContext, kind: str, input_kind: str, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Autoencoder codes, projection, density and clusters of one catalogue; tables from the arrays.
+    """Autoencoder codes, projection, density and clusters of one catalogue; tables from the arrays."""
+    catalogue_arrays(ctx, kind, input_kind)
+    return pattern_tables(ctx, kind, images)
 
-    Two resumable sub-steps: the latent codes (``patterns/<kind>/codes``, with the trained
-    weights in ``work/``) and the catalogue (embedding, clusters, density, decoded prototypes;
-    ``patterns/<kind>/prototypes`` is written last and marks it done).
+
+def catalogue_arrays(ctx: RunContext, kind: str, input_kind: str) -> None:
+    """The arrays of one catalogue, in two resumable sub-steps: the latent codes
+    (``patterns/<kind>/codes``, with the trained weights in ``work/``) and the catalogue (embedding,
+    clusters, density, decoded prototypes; ``patterns/<kind>/prototypes`` is written last and marks
+    it done). Catalogues are independent: a parallel job trains one per rank.
     """
     P = patterns_module()
     st, s = ctx.store, ctx.settings
@@ -61,7 +66,7 @@ def patterns(ctx: RunContext, kind: str, input_kind: str, images: pd.DataFrame) 
                               "grid_x": gx.tolist(), "grid_y": gy.tolist()})
         st.write_array(f"{pre}/prototypes", prototypes,
                        attrs={"dims": ["cluster", "channel", "y", "x"], "names": names, "input": input_kind})
-    return pattern_tables(ctx, kind, images)
+
 
 def pattern_tables(ctx: RunContext, kind: str, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``patterns`` rows, ``pattern_clusters`` rows and each head's dominant cluster, from the arrays."""
