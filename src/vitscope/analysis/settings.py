@@ -51,7 +51,16 @@ class AnalyzeSettings:
             one, defined for every model, backbones without a classifier included (DINOv2, CLIP and
             SigLIP towers, MAE). Its runs have the ``embedding_change`` metric and curves instead of
             the label metrics, no Taylor importance, no patch interactions and only the target-free
-            explanations (attention, rollout, random).
+            explanations (attention, rollout, random). ``"zero-shot"``: a CLIP / SigLIP model's own
+            zero-shot classifier over the image set's class names (the text tower embeds
+            ``zero_shot_prompt`` once per class; :mod:`vitscope.models.zero_shot`), then measured as
+            under ``"label"``. ``"probe"``: a linear probe fitted on the image set's unpruned
+            embeddings, cross-fitted over ``probe_folds`` folds stratified by class (each image is
+            scored by the probe fitted on the other folds; :mod:`vitscope.analysis.probe`), then
+            measured as under ``"label"``; it needs every image labelled, at least two per class,
+            and no patch interactions.
+        zero_shot_prompt: the ``"zero-shot"`` objective's prompt; ``{}`` is the class name.
+        probe_folds: folds of the ``"probe"`` objective's cross-fitting.
         stream_dtype: the precision of the attention stream that the strength measures, the pattern
             inputs and the mean attention are computed from: ``"float32"`` (the default, exact),
             ``"bfloat16"`` or ``"float16"`` (autocast: matrix products in half precision, softmax
@@ -82,6 +91,14 @@ class AnalyzeSettings:
     explain_faithfulness: bool = False
     objective: str = "label"
     stream_dtype: str = "float32"
+    zero_shot_prompt: str = "a photo of a {}."
+    probe_folds: int = 5
+
+    @property
+    def measure(self) -> str:
+        """What the analyses measure a pruned model by: ``"embedding"``, or ``"label"`` (through the
+        model's classifier, or the zero-shot or probe readout the run puts on it)."""
+        return "embedding" if self.objective == "embedding" else "label"
 
     def validate(self) -> None:
         choices = {"projection": ("umap", "tsne", "pca"), "patch_input": ("offset", "patch"), "objective": OBJECTIVES,
@@ -94,7 +111,13 @@ class AnalyzeSettings:
             if needs_target:
                 raise ValueError(f"explanation method(s) {needs_target} follow the gradient of a class's loss, which the "
                                  "embedding objective does not have; use attention, rollout or random")
-        minimum = {"seed": 0, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "ae_min_steps": 0, "curve_points": 2}
+        if self.objective == "probe" and self.interactions:
+            raise ValueError("the probe objective scores each image with the probe of its own fold, which the window and "
+                             "removal curves of --interactions do not follow yet; leave --interactions out, or use "
+                             "--objective zero-shot or label")
+        if "{}" not in self.zero_shot_prompt:
+            raise ValueError(f"zero_shot_prompt needs a '{{}}' where the class name goes, got {self.zero_shot_prompt!r}")
+        minimum = {"seed": 0, "probe_folds": 2, "n_boot": 0, "curve_images": 0, "ae_max_maps": 0, "ae_min_steps": 0, "curve_points": 2}
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "explain":
@@ -109,6 +132,8 @@ class AnalyzeSettings:
                         "for; pass --explain METHODS (e.g. --explain rollout,relevance) as well"
                     )
                 continue
+            if f.name == "zero_shot_prompt":
+                continue  # (checked above)
             if f.name in choices:
                 if v not in choices[f.name]:
                     raise ValueError(f"{f.name} must be one of {', '.join(choices[f.name])}; got {v!r}")
@@ -132,6 +157,10 @@ class AnalyzeSettings:
             del d["objective"]  # likewise
         if d["stream_dtype"] == "float32":
             del d["stream_dtype"]  # likewise
+        if d.get("objective") != "zero-shot":
+            del d["zero_shot_prompt"]  # (only a zero-shot run's numbers depend on it)
+        if d.get("objective") != "probe":
+            del d["probe_folds"]  # likewise
         return d
 
     def catalogue_inputs(self) -> dict[str, str]:
@@ -139,8 +168,9 @@ class AnalyzeSettings:
         return {"patch": self.patch_input, "cls": "cls"}
 
 
-#: What a pruned head is measured by (the names of ``vitscope.analysis.importance.OBJECTIVES``).
-OBJECTIVES: tuple[str, ...] = ("label", "embedding")
+#: What a pruned head is measured by: the analyses' own objectives
+#: (``vitscope.analysis.importance.OBJECTIVES``) and the two that put a readout on a backbone.
+OBJECTIVES: tuple[str, ...] = ("label", "embedding", "zero-shot", "probe")
 #: Precisions the attention stream may run in (``AnalyzeSettings.stream_dtype``).
 STREAM_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: Explanation methods that follow a class's loss gradient (not defined under the embedding objective).

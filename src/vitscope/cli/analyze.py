@@ -71,9 +71,16 @@ def analyze(
     objective: str = typer.Option(
         DEFAULTS.objective,
         "--objective",
-        help="what a pruned head is measured by: 'label' (the classifier's probability, loss and accuracy) or "
-        "'embedding' (1 - cos of the pooled image embedding; for every model, backbones without a classifier included)",
+        help="what a pruned head is measured by: 'label' (the classifier's probability, loss and accuracy), "
+        "'embedding' (1 - cos of the pooled image embedding; for every model, backbones without a classifier included), "
+        "'zero-shot' (a whole CLIP / SigLIP's own zero-shot classifier over the images' class names) or "
+        "'probe' (a linear probe cross-fitted on the images' unpruned embeddings; labelled images, 2+ per class)",
     ),
+    zero_shot_prompt: str = typer.Option(DEFAULTS.zero_shot_prompt, "--zero-shot-prompt",
+                                         help="the zero-shot objective's prompt; {} is the class name"),
+    probe_folds: int = typer.Option(DEFAULTS.probe_folds, "--probe-folds", min=2,
+                                    help="folds of the probe objective's cross-fitting (each image scored by a probe "
+                                    "fitted on the other folds)"),
     stream_dtype: str = typer.Option(
         DEFAULTS.stream_dtype,
         "--dtype",
@@ -118,6 +125,8 @@ def analyze(
             explain_faithfulness=explain_faithfulness,
             objective=objective,
             stream_dtype=stream_dtype,
+            zero_shot_prompt=zero_shot_prompt,
+            probe_folds=probe_folds,
         )
         settings.validate()
     except ValueError as e:

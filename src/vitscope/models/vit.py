@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -58,6 +59,8 @@ class ViT:
         #: The weights file it was loaded from (set by load_model when given weights=), else None.
         self.weights_path: Optional[str] = None
         self.library = library
+        #: A class readout on the pooled embedding that replaces the model's own (see :meth:`with_readout`).
+        self.readout_head: Optional[torch.nn.Module] = None
         self.num_layers: int = len(backend.blocks)
         self.num_heads: int = backend.num_heads
         # One runtime per module: a module wrapped twice (two ViT objects over one model) shares it,
@@ -84,7 +87,23 @@ class ViT:
 
     @property
     def num_classes(self) -> Optional[int]:
+        if self.readout_head is not None:
+            return int(self.readout_head.num_classes)
         return self.backend.num_classes
+
+    def with_readout(self, readout: torch.nn.Module) -> "ViT":
+        """This model with class logits from ``readout(embedding)`` instead of its own classifier.
+
+        For backbones without a classifier (or to score another label set): ``readout`` is a
+        :class:`vitscope.models.readouts.Readout`, e.g. a CLIP zero-shot head
+        (:func:`vitscope.models.zero_shot.zero_shot_readout`) or a linear probe
+        (:func:`vitscope.analysis.probe.fit_probe`). The returned view shares the module, its weights
+        and its attention runtime with this one (nothing is copied); this object is unchanged.
+        """
+        view = copy.copy(self)
+        view.readout_head = readout.to(self.device).eval()
+        view.class_names = list(readout.class_names)
+        return view
 
     @property
     def num_tokens(self) -> int:
@@ -135,7 +154,9 @@ class ViT:
         return self.backend.embed(self._input(x))
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
-        """Residual stream after the last block -> class logits."""
+        """Residual stream after the last block -> class logits (from :attr:`readout_head` when set)."""
+        if self.readout_head is not None:
+            return self.readout_head(self.backend.embedding(h))
         return self.backend.readout(h)
 
     def embedding(self, h: torch.Tensor) -> torch.Tensor:
@@ -230,7 +251,7 @@ class ViT:
         """``n`` when :meth:`readout` reads only the first ``n`` tokens of the last block's output
         (CLS: 1; CLS + distillation token: 2), so it can be given just those; None otherwise."""
         fn = getattr(self.backend, "readout_tokens", None)
-        n = fn() if fn is not None else None
+        n = fn() if fn is not None and self.readout_head is None else None  # (a readout head reads the pooled embedding)
         return int(n) if n else None
 
     def plans_for_masks(self, masks: Optional[MaskSpec]) -> dict[int, LayerPlan]:
@@ -251,7 +272,7 @@ class ViT:
         """
         x = self._input(x)
         self._require_head()
-        if not masks:
+        if not masks and self.readout_head is None:
             return self.backend.forward(x)
         plans = self.plans_for_masks(masks)
         return self.readout(self.run_blocks(self.backend.embed(x), plans=plans))

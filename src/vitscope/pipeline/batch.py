@@ -162,6 +162,23 @@ def analyze_batch(
     return BatchResult(images=images, image_heads=ih, arrays=arrays)
 
 
+def merge_batch_results(parts: Sequence[tuple[np.ndarray, BatchResult]]) -> BatchResult:
+    """The results of a batch's row groups (each ``(row positions, result)``; e.g. one group per
+    probe fold) as one result in the batch's row order; ``attention_sum`` is added up."""
+    if len(parts) == 1:
+        return parts[0][1]
+    order = np.argsort(np.concatenate([p for p, _ in parts]), kind="stable")
+    per = len(parts[0][1].image_heads) // len(parts[0][0])  # image_heads rows per image (L * H)
+    images = pd.concat([r.images for _, r in parts], ignore_index=True).iloc[order].reset_index(drop=True)
+    ih = pd.concat([r.image_heads for _, r in parts], ignore_index=True)
+    ih = ih.iloc[(order[:, None] * per + np.arange(per)).reshape(-1)].reset_index(drop=True)
+    arrays = {}
+    for name in parts[0][1].arrays:
+        values = [r.arrays[name] for _, r in parts]
+        arrays[name] = np.sum(values, axis=0) if name == "attention_sum" else np.concatenate(values)[order]
+    return BatchResult(images=images, image_heads=ih, arrays=arrays)
+
+
 #: Largest ``L * H * T * T`` for which a run stores the mean attention matrix (512 MiB in float64).
 MEAN_ATTENTION_MAX_CELLS = 1 << 26
 

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from vitscope.core.progress import Progress
-from vitscope.pipeline.batch import BatchResult, analyze_batch
+from vitscope.pipeline.batch import BatchResult, analyze_batch, merge_batch_results
 from vitscope.pipeline.context import RunContext
 from vitscope.store.errors import DamagedChunkWarning, NotARunError
 from vitscope.store.layout import INTERACTION_STATE
@@ -77,12 +78,7 @@ def run_chunks(ctx: RunContext, prog: Progress) -> None:
 
         with ctx.clock("decode"):
             batches = ctx.decode(records, on_failure)
-        results = [
-            analyze_batch(ctx.vit, b.x, b.labels, b.image_ids, pattern_size=ctx.settings.pattern_size,
-                          explain=ctx.settings.explain, objective=ctx.settings.objective,
-                          stream_dtype=ctx.settings.stream_dtype, timings=ctx.timings)  # fmt: skip
-            for b in batches
-        ]
+        results = [analyze_rows(ctx, b) for b in batches]
         blobs = {}
         if ctx.settings.interactions:
             with ctx.clock("interactions"):
@@ -90,6 +86,20 @@ def run_chunks(ctx: RunContext, prog: Progress) -> None:
         with ctx.clock("write_chunks"):
             write_chunk(ctx, i, records, batches, results, failures, blobs)
         prog.advance(task, len(records))
+
+
+def analyze_rows(ctx: RunContext, b: "Batch") -> BatchResult:
+    """:func:`analyze_batch` of one decoded batch, each image scored by its own model view (under a
+    cross-fitted probe, the rows of each fold go through that fold's probe)."""
+    s = ctx.settings
+    parts = []
+    for vit, rows in ctx.readout.groups(b.image_ids):
+        whole = len(rows) == len(b.image_ids)
+        x, labels = (b.x, b.labels) if whole else (b.x[torch.as_tensor(rows)], b.labels[torch.as_tensor(rows)])
+        ids = list(b.image_ids) if whole else [b.image_ids[i] for i in rows]
+        parts.append((rows, analyze_batch(vit, x, labels, ids, pattern_size=s.pattern_size, explain=s.explain, objective=s.measure,
+                                          stream_dtype=s.stream_dtype, timings=ctx.timings)))
+    return merge_batch_results(parts)
 
 
 def write_chunk(ctx: RunContext, index: int, records: Sequence["ImageRecord"], batches: Sequence["Batch"],

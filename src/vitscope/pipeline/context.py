@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,7 @@ from vitscope.store.writer import RunStore
 if TYPE_CHECKING:  # pragma: no cover
     from vitscope.data import Batch, ImageRecord, ImageSet
     from vitscope.models.vit import ViT
+    from vitscope.pipeline.readout import RunReadout
 
 
 @dataclass
@@ -34,8 +35,14 @@ class RunContext:
     job: Job = field(default_factory=Job)
     #: Seconds spent in each part of this invocation (recorded in the manifest as ``timings``).
     timings: dict[str, float] = field(default_factory=dict)
+    #: Which model view scores which image (a cross-fitted probe has one per fold); default: ``vit``.
+    readout: Optional["RunReadout"] = None
 
     def __post_init__(self) -> None:
+        if self.readout is None:
+            from vitscope.pipeline.readout import RunReadout
+
+            self.readout = RunReadout([self.vit])
         self.records: list["ImageRecord"] = list(self.image_set.records)
         self.n_chunks = int(self.manifest["chunks"]["count"])
         self.clock = Clock(self.timings)

@@ -52,7 +52,8 @@ td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }} nav {{
 <p>Model <b>{esc(str(model.get('spec')))}</b> ({model.get('num_layers')} layers x {model.get('num_heads')} heads,
 weights sha256 <code>{esc(str(model.get('weights_sha256'))[:16])}</code>);
 {counts.get('analysed')} images analysed from <code>{esc(str(m['images'].get('source')))}</code>.
-Run folder <code>{esc(str(run.path))}</code>, finished {esc(str(m.get('completed')))}.</p>
+Run folder <code>{esc(str(run.path))}</code>, finished {esc(str(m.get('completed')))}.
+{esc(objective_sentence(m.get('settings', {})))}</p>
 {fail_html}
 <h3>Most important heads (probability drop)</h3>
 <table><tr><th>layer</th><th>head</th><th>mean drop</th><th>95% interval</th></tr>{top_rows}</table>
@@ -60,3 +61,21 @@ Run folder <code>{esc(str(run.path))}</code>, finished {esc(str(m.get('completed
 {figs}
 </body></html>
 """
+
+
+#: How each objective measures a pruned head, said once at the top of the report.
+OBJECTIVE_SENTENCES = {
+    "label": "Heads are measured through the model's own classifier (probability, loss and accuracy of each image's label).",
+    "embedding": "Heads are measured by how far pruning moves the pooled image embedding (1 - cos; --objective embedding).",
+    "zero-shot": "Heads are measured through the model's zero-shot classifier: its text tower's embedding of the prompt {prompt!r} "
+                 "for each class name (--objective zero-shot).",
+    "probe": "Heads are measured through a linear probe on the unpruned embeddings, cross-fitted over {folds} folds: each image "
+             "is scored by the probe fitted on the other folds (--objective probe).",
+}
+
+
+def objective_sentence(settings: dict) -> str:
+    """What the run's probabilities and accuracies are of (its ``objective`` setting)."""
+    objective = settings.get("objective", "label")
+    text = OBJECTIVE_SENTENCES.get(objective, f"Heads are measured by objective {objective!r}.")
+    return text.format(prompt=settings.get("zero_shot_prompt", "a photo of a {}."), folds=settings.get("probe_folds", 5))
