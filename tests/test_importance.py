@@ -325,16 +325,44 @@ def _loss_with_gate(vit, x, target, l: int, h: int, value: float) -> np.ndarray:
     return F.cross_entropy(logits, target, reduction="none").numpy()
 
 
-def test_taylor_matches_finite_differences(random_vit64, rand_x):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_taylor_matches_finite_differences(random_vit64, rand_x, recompute):
     x = rand_x.double()
     target = torch.tensor([1, 0, 3, 4, 2])
-    taylor = taylor_importance(random_vit64, x, target)
+    taylor = taylor_importance(random_vit64, x, target, recompute=recompute)
     eps = 1e-5
     for l in range(random_vit64.num_layers):
         for h in range(random_vit64.num_heads):
             fd = (_loss_with_gate(random_vit64, x, target, l, h, 1 + eps) - _loss_with_gate(random_vit64, x, target, l, h, 1 - eps)) / (2 * eps)
             np.testing.assert_allclose(taylor[:, l, h], np.abs(fd), rtol=1e-6, atol=1e-10)
     assert taylor.min() > 0  # every gate has some gradient on a random model
+
+
+def test_taylor_recomputing_blocks_keeps_no_layer_maps_for_the_backward(random_vit, rand_x):
+    """With ``recompute`` the backward pass keeps nothing of a block's insides from the forward (each
+    block is run again there; only the blocks' inputs are kept): no (T, T) map, fewer bytes in all,
+    and the same gradients."""
+    T = random_vit.num_tokens
+    maps = {False: 0, True: 0}
+    saved = {False: 0, True: 0}
+    for recompute in (False, True):
+        def pack(t, recompute=recompute):
+            saved[recompute] += t.numel() * t.element_size()
+            if t.ndim >= 2 and tuple(t.shape[-2:]) == (T, T):
+                maps[recompute] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            got = taylor_importance(random_vit, rand_x, recompute=recompute)
+        if not recompute:
+            want = got
+    assert maps[True] == 0 and saved[True] < saved[False] / 2, (maps, saved)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    from vitscope.analysis import importance
+
+    assert importance.taylor_keeps_maps(random_vit, 5)  # small: the maps are kept (no extra forward)
+    L, H = random_vit.num_layers, random_vit.num_heads
+    assert not importance.taylor_keeps_maps(random_vit, importance.TAYLOR_CHECKPOINT_BYTES // (L * H * T * T * 4) + 1)
 
 
 def test_taylor_default_target_and_per_image(random_vit, rand_x):

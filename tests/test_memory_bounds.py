@@ -27,3 +27,25 @@ def test_mean_attention_is_left_out_for_long_sequences(tmp_path, monkeypatch):
 
     info = TestClient(create_app(bounded.path, warm=False)).get("/api/run").json()
     assert info["capabilities"]["attention_mean"] is False
+
+
+def test_max_memory_sizes_the_batch_or_says_what_to_change(tmp_path):
+    import pytest
+
+    from vitscope.pipeline.memory import estimate_memory, fit_batch_size, parse_size
+
+    assert parse_size("8G") == 8 << 30 and parse_size("512MB") == 512 << 20 and parse_size("1.5GiB") == 3 << 29
+    assert parse_size(1000) == 1000 and parse_size("1000") == 1000
+    with pytest.raises(ValueError, match="cannot read '8 apples' as a memory size; write e.g. 8G"):
+        parse_size("8 apples")
+    vit = vitscope.load_model("fmnist_vit_tiny", device="cpu")
+    est = estimate_memory(vit)
+    assert est.per_image > 0 and est.weights == sum(p.numel() * 4 for p in vit.module.parameters())
+    assert fit_batch_size(vit, 32, est.batch(3) + 1) == 3
+    assert fit_batch_size(vit, 2, "64G") == 2  # never above the batch asked for
+    with pytest.raises(ValueError, match=r"needs about .* for one image .* more than --max-memory .* Raise --max-memory"):
+        fit_batch_size(vit, 32, est.weights + est.per_image - 1)
+    settings = AnalyzeSettings(batch_size=8, n_boot=10, ae_epochs=1, ae_min_steps=4, n_clusters=2, curve_images=3, curve_points=3, projection="pca")
+    run = vitscope.analyze("fmnist_vit_tiny", "sample", tmp_path / "run", limit=6, settings=settings, progress=False,
+                           max_memory=est.batch(3) + 1)
+    assert run.manifest["settings"]["batch_size"] == 3 and run.manifest["chunks"]["count"] == 2

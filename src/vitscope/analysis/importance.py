@@ -130,7 +130,7 @@ def check_objective(vit: "ViT", objective: str) -> None:
 @torch.no_grad()
 def head_sweep(
     vit: "ViT", x: Any, targets: Targets = None, *, chunk: Optional[int] = None, shortcuts: bool = True,
-    objective: str = "label",
+    objective: str = "label", layers: Optional[Sequence[int]] = None,
 ) -> dict[str, np.ndarray]:
     """Prune each head of each layer alone and measure the effect on every image of a batch.
 
@@ -151,6 +151,8 @@ def head_sweep(
             ``1 - cos`` between the pruned and the unpruned pooled embedding
             (:meth:`ViT.embedding`), besides ``layer_change`` and ``layer_rel_l2``; ``targets``
             are ignored.
+        layers: sweep only these layers (the others' entries are NaN, and ``False`` for
+            ``pruned_correct``); default every layer.
 
     Returns a dict of numpy arrays (``B`` images, ``L`` layers, ``H`` heads, ``C`` classes):
 
@@ -222,11 +224,15 @@ def head_sweep(
     if step < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     dev = base_logits.device
-    out = {k: torch.empty(L, rows, dtype=torch.float64, device=dev) for k in ("logp", "change", "rel")}
-    correct = torch.empty(L, rows, dtype=torch.bool, device=dev)
+    out = {k: torch.full((L, rows), torch.nan, dtype=torch.float64, device=dev) for k in ("logp", "change", "rel")}
+    correct = torch.zeros(L, rows, dtype=torch.bool, device=dev)
     flat = torch.arange(rows, device=dev)
+    wanted = set(range(L)) if layers is None else {check_head(l, 0, L, H, vit.name)[0] for l in layers}
     for l in range(L):
         ctx = contexts.pop(l, None)  # freed as the sweep moves on, like the stream below
+        if l not in wanted:
+            stream[l] = ctx = None  # type: ignore
+            continue
         if ctx is not None:
             proj = vit.output_projection(l)
             assert proj is not None
@@ -328,7 +334,21 @@ def head_sweep_naive(vit: "ViT", x: Any, targets: Targets = None, *, objective: 
 
 
 # --------------------------------------------------------------------------- 2. Taylor
-def taylor_importance(vit: "ViT", x: Any, targets: Targets = None) -> np.ndarray:
+#: Above this many bytes of attention maps (``L * H * T^2`` per image, float32) :func:`taylor_importance`
+#: recomputes each block in the backward pass instead of keeping what the block saved for it: the
+#: maps themselves where attention runs explicitly (talking heads, float biases on some kernels),
+#: q, k, v and the MLP's activations where it runs fused.
+TAYLOR_CHECKPOINT_BYTES = 1 << 30
+
+
+def taylor_keeps_maps(vit: "ViT", batch: int) -> bool:
+    """Whether :func:`taylor_importance` keeps every layer's maps for its backward pass (``True``) or,
+    for long sequences and big batches, recomputes each block there (one layer's maps alive at a time)."""
+    T = vit.num_tokens
+    return vit.num_layers * vit.num_heads * T * T * batch * 4 <= TAYLOR_CHECKPOINT_BYTES
+
+
+def taylor_importance(vit: "ViT", x: Any, targets: Targets = None, *, recompute: Optional[bool] = None) -> np.ndarray:
     """Mask-gradient (Taylor) head importance of Michel et al. (2019), per image, ``(B, L, H)``.
 
     Every head's context is multiplied by a gate ``xi = 1``; the importance of head ``(l, h)`` for
@@ -338,6 +358,11 @@ def taylor_importance(vit: "ViT", x: Any, targets: Targets = None) -> np.ndarray
     value over images (the ``taylor`` column of :func:`summarize_importance`). The batch loss is
     the sum of the per-image losses, and image ``i``'s loss depends only on its own gates, so one
     forward and one backward give every image its own gradient.
+
+    ``recompute``: run each block again in the backward pass instead of keeping every layer's
+    attention maps for it (activation checkpointing: memory of one layer's maps instead of ``L``,
+    for one more forward; the same gradients). ``None``: when :func:`taylor_keeps_maps` says the
+    maps would not fit :data:`TAYLOR_CHECKPOINT_BYTES`.
     """
     vit._require_head()
     x = _as_batch(vit, x)
@@ -345,9 +370,21 @@ def taylor_importance(vit: "ViT", x: Any, targets: Targets = None) -> np.ndarray
     with torch.no_grad():
         h0 = vit.embed(x)
     xi = torch.ones(h0.shape[0], L, H, dtype=h0.dtype, device=h0.device, requires_grad=True)
-    plans = {l: LayerPlan(head_gate=xi[:, l]) for l in range(L)}
+    if recompute is None:
+        recompute = not taylor_keeps_maps(vit, h0.shape[0])
     with torch.enable_grad():
-        logits = vit.readout(vit.run_blocks(h0, plans=plans))
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            def block(h: torch.Tensor, gate: torch.Tensor, l: int) -> torch.Tensor:  # (installs its plan again when recomputed)
+                return vit.run_blocks(h, l, l + 1, plans={l: LayerPlan(head_gate=gate)})
+
+            out = h0
+            for l in range(L):
+                out = checkpoint(block, out, xi[:, l], l, use_reentrant=False)
+        else:
+            out = vit.run_blocks(h0, plans={l: LayerPlan(head_gate=xi[:, l]) for l in range(L)})
+        logits = vit.readout(out)
         target = _resolve_targets(targets, logits.detach().argmax(-1), logits.shape[1])
         loss = F.cross_entropy(logits, target, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xi)

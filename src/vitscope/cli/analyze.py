@@ -87,6 +87,11 @@ def analyze(
         help="precision of the attention stream (strength, patterns, mean attention): float32, bfloat16 or float16 "
         "(autocast; see docs/precision.md); pruning, Taylor, curves, interactions and explanations stay float32",
     ),
+    max_memory: Optional[str] = typer.Option(
+        None, "--max-memory",
+        help="memory budget, e.g. 16G: batches are made smaller than --batch-size where the estimated peak would not fit "
+        "(the run records the size used); a model whose single image does not fit is refused with what to change",
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)"),
     workers: int = typer.Option(0, "--workers", min=0, help="image-decoding worker processes"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: torch's choice)"),
@@ -147,6 +152,7 @@ def analyze(
             progress=not quiet,
             console=console,
             command=command,
+            max_memory=max_memory,
         )
     except (RunError, FileNotFoundError) as e:
         _fail(console, str(e))

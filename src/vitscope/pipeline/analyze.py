@@ -45,6 +45,7 @@ def analyze(
     progress: Union[bool, Progress] = True,
     console: Any = None,
     command: Optional[str] = None,
+    max_memory: Union[str, int, None] = None,
 ) -> Run:
     """Analyse ``images`` with ``model`` and write (or resume) the run folder ``out``.
 
@@ -60,6 +61,10 @@ def analyze(
         progress: ``True`` shows rich progress bars (on ``console``, default stderr), ``False``
             nothing; or any :class:`vitscope.core.progress.Progress` to report to.
         command: the command line, recorded in the manifest and quoted in resume hints.
+        max_memory: a memory budget (``"16G"``, bytes): the batch is made smaller than
+            ``settings.batch_size`` where its estimated peak would not fit
+            (:func:`vitscope.pipeline.memory.fit_batch_size`; the run records the batch size used), and
+            a model whose single image does not fit is refused with what to change.
 
     Rerunning the same call on an unfinished folder resumes it; a folder made by a different
     model, image list or settings raises :class:`~vitscope.store.RunMismatchError` unless
@@ -94,7 +99,8 @@ def analyze(
             check_job_holds(store.path, str(job.job_id))
         return _analyze_locked(model, images, store, weights=weights, labels=labels, limit=limit, settings=settings,
                                overwrite=overwrite, device=device_for(job, device), num_workers=num_workers,
-                               progress=progress if job.is_main else False, console=console, command=command, job=job)
+                               progress=progress if job.is_main else False, console=console, command=command, job=job,
+                               max_memory=max_memory)
     finally:
         lock.release()
 
@@ -115,11 +121,22 @@ def _analyze_locked(
     console: Any,
     command: Optional[str],
     job: Job,
+    max_memory: Union[str, int, None] = None,
 ) -> Run:
     from vitscope.data import load_images
     from vitscope.models import ViT, load_model
 
     vit = model if isinstance(model, ViT) else load_model(model, weights=weights, device=device)
+    if max_memory is not None:
+        import dataclasses
+
+        from vitscope.pipeline.memory import fit_batch_size
+
+        fitted = fit_batch_size(vit, settings.batch_size, max_memory)
+        if fitted < settings.batch_size:
+            if job.is_main:
+                console.print(f"--max-memory {max_memory}: batches of {fitted} images instead of {settings.batch_size}")
+            settings = dataclasses.replace(settings, batch_size=fitted)
     from vitscope.analysis.importance import check_objective
 
     if settings.objective in ("label", "embedding"):

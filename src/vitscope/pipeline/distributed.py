@@ -3,9 +3,9 @@
 Every chunk is independent (its own partial sums, merged in chunk order by the final steps), so a
 job of N processes writes the same chunk folders as one process would: rank ``r`` analyses the
 unfinished chunks ``i`` with ``i % N == r``. Once every rank is done, the final steps run on rank 0,
-except the two that cost most, which are shared out too: the pruning curves (each rank sums its
-share of the curve images' batches, added in batch order on rank 0) and the pattern catalogues (one
-autoencoder per rank). The run is therefore the same, bit for bit, for any number of processes, and
+except the two that cost most, which are shared out too: the pattern catalogues (one autoencoder per
+rank) and then the pruning curves (the curve images in fixed groups, taken by whichever rank is
+free, their sums added in group order on rank 0). The run is therefore the same, bit for bit, for any number of processes, and
 a run started with N resumes with M.
 
 The run folder's lock belongs to the job: rank 0 takes it and records the job's id, the other
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -93,6 +93,39 @@ class Job:
                     raise value
                 raise type(value)(*value.args) if isinstance(value, Exception) else RuntimeError(f"rank {rank} failed: {value!r}")
         return [value for _, value in boxes]
+
+
+    def take_turns(self, counter: "os.PathLike[str] | str", n: int) -> Iterator[int]:
+        """The indices ``0..n-1`` shared out as the ranks ask for them: each rank gets the next
+        unclaimed index whenever it is free, so a rank that started late or has cheaper items takes
+        more. ``counter`` is a file in the run folder (which every rank sees) that holds the next
+        index; :func:`reset_turns` must have set it to 0 (on one rank, before any rank starts).
+        One process simply counts.
+
+        Which rank takes which index varies from run to run; callers keep results by index.
+        """
+        if self.world == 1:
+            yield from range(n)
+            return
+        import fcntl
+
+        path = os.fspath(counter)
+        while True:
+            with open(path, "r+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # (released when the file closes)
+                i = int(f.read() or 0)
+                f.seek(0)
+                f.write(str(i + 1))
+                f.truncate()
+            if i >= n:
+                return
+            yield i
+
+
+def reset_turns(counter: "os.PathLike[str] | str") -> None:
+    """Start the shared counter of :meth:`Job.take_turns` at 0 (call on one rank, before the others start)."""
+    with open(os.fspath(counter), "w") as f:
+        f.write("0")
 
 
 def current_job(device: Any = None) -> Job:

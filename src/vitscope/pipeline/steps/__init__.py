@@ -15,7 +15,8 @@ import pandas as pd
 
 from vitscope.core.progress import Progress
 from vitscope.pipeline.context import RunContext
-from vitscope.pipeline.steps.curves import curve_plan, curves
+from vitscope.pipeline.distributed import reset_turns
+from vitscope.pipeline.steps.curves import curve_parts, curve_plan, curves_table, turns_path
 from vitscope.pipeline.steps.gather import gather
 from vitscope.pipeline.steps.interactions import interactions
 from vitscope.pipeline.steps.model_masks import model_masks
@@ -51,6 +52,7 @@ def finish(ctx: RunContext, prog: Progress) -> None:
         with step("summaries", "head summaries"):
             heads = summaries(ctx, images_base, image_heads)
         plan = None if st.has_table("curves") else curve_plan(ctx, images_base, image_heads, heads)
+        reset_turns(turns_path(ctx))
         return images_base, image_heads, failures, heads, plan
 
     # Rank 0 gathers; the others get only what their share of the curves needs.
@@ -61,14 +63,20 @@ def finish(ctx: RunContext, prog: Progress) -> None:
         plan = job.from_main(lambda: kept.setdefault("first", first_steps())[4])
         if job.is_main:
             images_base, image_heads, failures, heads, _ = kept["first"]
-    with step("curves", "pruning curves"):
-        if plan is not None:
-            table = curves(ctx, *plan)
-            if job.is_main:
-                st.write_table("curves", table)
-    with step("patterns", f"attention patterns ({', '.join(cats)})"):  # (timings: "patterns")
-        # One catalogue per rank at a time (the arrays land in the store; rank 0 reads them back).
-        job.everyone(lambda: [catalogue_arrays(ctx, kind, inp) for i, (kind, inp) in enumerate(cats.items()) if job.owns(i)])
+    # The shared steps, in one exchange so that no rank waits for another in between (and an error
+    # on any rank reaches them all): each rank trains its pattern catalogues (arrays into the store;
+    # rank 0 reads them back), then takes groups of curve images until none is left.
+    def shared_steps() -> list:
+        with step("patterns", f"attention patterns ({', '.join(cats)})"):
+            for i, (kind, inp) in enumerate(cats.items()):
+                if job.owns(i):
+                    catalogue_arrays(ctx, kind, inp)
+        with step("curves", "pruning curves"):
+            return [] if plan is None else curve_parts(ctx, plan[0], plan[1])
+
+    parts = [p for rank_parts in job.everyone(shared_steps) for p in rank_parts]
+    if plan is not None and job.is_main:
+        st.write_table("curves", curves_table(plan[0], parts, plan[2], plan[3]))
     job.from_main(lambda: _finish_main(ctx, prog, task, step, images_base, image_heads, failures, heads))
 
 

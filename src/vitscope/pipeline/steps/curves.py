@@ -1,11 +1,13 @@
 """Final step 3: cumulative head-pruning curves, held out and in sample.
 
 The most expensive final step (about one forward per curve point, metric and curve image), so in a
-parallel job every rank evaluates a share of the curve images' batches; rank 0 adds the shares in
-batch order, which gives the one-process table bit for bit.
+parallel job the curve images are cut into fixed groups that the ranks take as they become free;
+rank 0 adds the groups' sums in group order, which gives the one-process table bit for bit.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,21 +40,40 @@ def curve_plan(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame,
     return plan, subset, len(rank_ids), len(images)
 
 
-def curves(ctx: RunContext, plan: imp.CurvePlan, subset: pd.DataFrame, n_rank_images: int, n_images: int) -> pd.DataFrame:
-    """The curves table; call it on every rank of a job (each evaluates the batches it owns)."""
-    job, b = ctx.job, ctx.settings.batch_size
-    owned = [j for j in range(-(-len(subset) // b)) if job.owns(j)]
+#: The curve images are cut into at least this many groups (when there are that many images), so
+#: that the ranks of a job share them evenly; the groups do not depend on the job's size.
+CURVE_GROUPS = 16
 
-    def share() -> list[tuple[tuple[int, int], tuple[int, np.ndarray]]]:
-        parts = []
-        for j in owned:  # one batch per group of rows, so the groups are the same for any job size
-            rows = subset.iloc[j * b : (j + 1) * b]
-            for g, (vit, pos) in enumerate(ctx.readout.groups(rows["image_id"].tolist())):  # (a probe: one fold at a time)
-                for batch in ctx.target_batches(rows.iloc[pos]):
-                    parts.append(((j, g), plan.batch_sums(vit, batch)))
-        return parts
 
-    parts = sorted((p for rank_parts in job.everyone(share) for p in rank_parts), key=lambda p: p[0])
-    df = imp.ranking_curves_table(plan, [p for _, p in parts])
+def curve_groups(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` rows of each group of the ``n`` curve images: equal groups of at most
+    ``batch_size`` rows, and at least :data:`CURVE_GROUPS` of them."""
+    count = max(-(-n // batch_size), min(n, CURVE_GROUPS))
+    size = -(-n // count) if count else 0
+    return [(i, min(i + size, n)) for i in range(0, n, size)] if size else []
+
+
+def turns_path(ctx: RunContext) -> Path:
+    """The counter the ranks take curve groups by (reset by rank 0 before the shared steps)."""
+    return ctx.store.work_path("curves_next_group")
+
+
+def curve_parts(ctx: RunContext, plan: imp.CurvePlan, subset: pd.DataFrame) -> list[tuple[tuple[int, int], tuple[int, np.ndarray]]]:
+    """This rank's share of the curves: ``((group, fold), batch sums)`` of each group it takes."""
+    groups = curve_groups(len(subset), ctx.settings.batch_size)
+    parts = []
+    for j in ctx.job.take_turns(turns_path(ctx), len(groups)):
+        rows = subset.iloc[groups[j][0] : groups[j][1]]
+        for g, (vit, pos) in enumerate(ctx.readout.groups(rows["image_id"].tolist())):  # (a probe: one fold at a time)
+            for batch in ctx.target_batches(rows.iloc[pos]):
+                parts.append(((j, g), plan.batch_sums(vit, batch)))
+    return parts
+
+
+def curves_table(plan: imp.CurvePlan, parts: list, n_rank_images: int, n_images: int) -> pd.DataFrame:
+    """The curves table from every rank's :func:`curve_parts`, summed in group order whichever rank
+    evaluated each group: the same table for any job size."""
+    ordered = sorted(parts, key=lambda p: p[0])
+    df = imp.ranking_curves_table(plan, [p for _, p in ordered])
     df["n_rank_images"] = np.where(df["ranking"] == "held_out", n_rank_images, n_images)
     return df
