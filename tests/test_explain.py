@@ -85,10 +85,18 @@ def _product(mats, T):
     return result
 
 
+def _read(M, layout):
+    """The readout's row of ``M`` over the patches: the CLS row, or for a mean-pooling model
+    (``layout.mean_from`` set by the test) the mean of the rows of the pooled tokens."""
+    first = getattr(layout, "mean_from", None)
+    row = M[layout.cls_index] if first is None else M[first:].mean(0)
+    return row[layout.patch_slice].reshape(layout.grid)
+
+
 def ref_rollout(maps, b, fusion, ratio, layout):
     fuse = {"mean": lambda A: A.mean(0), "max": lambda A: A.max(0)[0], "min": lambda A: A.min(0)[0]}[fusion]
     mats = [_drop_smallest(fuse(A[b]), ratio) for A in maps]
-    return _product(mats, layout.num_tokens)[layout.cls_index, layout.patch_slice].reshape(layout.grid)
+    return _read(_product(mats, layout.num_tokens), layout)
 
 
 def ref_grad_rollout(maps, grads, b, ratio, layout):
@@ -97,7 +105,7 @@ def ref_grad_rollout(maps, grads, b, ratio, layout):
         f = (A[b] * G[b]).mean(0)
         f[f < 0] = 0
         mats.append(_drop_smallest(f, ratio))
-    return _product(mats, layout.num_tokens)[layout.cls_index, layout.patch_slice].reshape(layout.grid)
+    return _read(_product(mats, layout.num_tokens), layout)
 
 
 def ref_relevance(maps, grads, b, layout):
@@ -106,7 +114,7 @@ def ref_relevance(maps, grads, b, layout):
     for A, G in zip(maps, grads):
         cam = (G[b] * A[b]).clamp(min=0).mean(0)
         R = R + cam @ R
-    return R[layout.cls_index, layout.patch_slice].reshape(layout.grid)
+    return _read(R, layout)
 
 
 def ref_interaction(maps, grads, b, layout):
@@ -124,7 +132,7 @@ def ref_interaction(maps, grads, b, layout):
 def ref_attention(maps, b, layout, head=None):
     A = maps[-1][b]
     A = A.mean(0) if head is None else A[head]
-    return A[layout.cls_index, layout.patch_slice].reshape(layout.grid)
+    return _read(A, layout)
 
 
 def assert_maps_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -138,6 +146,11 @@ def assert_maps_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 def check_against_reference(vit, x, target=None):
     maps, grads, t = reference_capture(vit, x, target)
     layout = vit.layout
+    if vit.module.global_pool == "avg":  # timm's mean pooling: the tokens after its prefix
+        import types
+
+        layout = types.SimpleNamespace(**{k: getattr(layout, k) for k in ("cls_index", "patch_slice", "grid", "num_tokens", "num_patches")},
+                                       mean_from=vit.module.num_prefix_tokens)
     B = x.shape[0]
     for fusion in HEAD_FUSIONS:
         for ratio in (0.0, 0.9):
@@ -338,19 +351,30 @@ def test_interaction_is_the_runs_key_importance(random_vit):
         explain(random_vit, x, "interaction", target=-1)
 
 
-def test_no_cls_model_is_refused_by_name():
+@pytest.mark.parametrize("class_token", [False, True])
+def test_mean_pooling_models_read_the_mean_of_the_pooled_rows(class_token):
+    """timm ``global_pool="avg"`` (with and without a CLS token, which it then leaves out): every
+    row-based method reads the mean of the pooled tokens' rows, equal to the reference."""
+    vit = _random_timm("vit_tiny_patch16_224", global_pool="avg", class_token=class_token)
+    assert (vit.layout.cls_index is None) != class_token
+    row = vit.readout_row()
+    assert row[int(class_token):].eq(1 / 16).all() and row[: int(class_token)].eq(0).all()
+    check_against_reference(vit, torch.randn(2, 3, 64, 64))
+
+
+def test_attention_pooling_is_refused_by_name():
     torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=3, global_pool="avg", class_token=False)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=3, global_pool="map", class_token=False)
     vit = vitscope.load_model(m, device="cpu")
-    assert vit.layout.cls_index is None
+    assert vit.layout.cls_index is None and vit.readout_row() is None
     x = torch.randn(2, 3, 32, 32)
     for method in CLS_METHODS:
-        with pytest.raises(ValueError, match=rf"{vit.name} has no CLS token.*{method}.*none of them applies"):
+        with pytest.raises(ValueError, match=rf"{vit.name} pools its tokens by attention.*{method}.*none of them applies"):
             explain(vit, x, method)
-    with pytest.raises(ValueError, match="no CLS token"):
+    with pytest.raises(ValueError, match="pools its tokens by attention"):
         explain_all(vit, x)
     assert explain(vit, x, "random").shape == (2, 2, 2)
-    assert explain(vit, x, "interaction").shape == (2, 2, 2)  # key impacts need no CLS token
+    assert explain(vit, x, "interaction").shape == (2, 2, 2)  # key impacts need no readout row
 
 
 def test_bad_options(random_vit):

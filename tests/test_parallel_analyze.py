@@ -16,8 +16,8 @@ from test_analyze import assert_runs_equal  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# 8 images in 4 chunks: ranks 0 and 1 of a 2-process job analyse chunks 0, 2 and 1, 3, then share the
-# curves (4 images in 2 batches: one each) and the pattern catalogues (patch on rank 0, CLS on rank 1).
+# 8 images in 4 chunks, taken by ranks 0 and 1 of a 2-process job as they become free; then they share
+# the pattern catalogues (patch on rank 0, CLS on rank 1) and the curves (4 images in 4 groups).
 ARGS = ["-m", "fmnist_vit_tiny", "-i", "sample", "-n", "8", "-b", "2", "--boot", "50", "--ae-epochs", "1",
         "--ae-min-steps", "10", "--clusters", "3", "--projection", "pca", "--curve-images", "4", "--threads", "1", "--quiet"]
 
@@ -87,7 +87,7 @@ def test_a_dead_rank_loses_only_its_chunk_and_a_rerun_with_one_process_finishes(
     with pytest.raises(UnfinishedRunError):
         open_run(out)
     done_chunks = RunStore(out).done_chunks()
-    assert 1 in done_chunks and 3 not in done_chunks, done_chunks  # rank 1 finished its first chunk, not its second
+    assert 1 <= len(done_chunks) < 4, done_chunks  # rank 1 finished its first chunk, not its second
     resumed = _single(out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = open_run(out)

@@ -5,7 +5,7 @@ the model say this?" with a single map. This module computes the attention-based
 literature compares, from vitscope's exact attention capture (no fused-attention pitfalls):
 
 - ``"attention"``: the last layer's attention from the CLS token to each patch, averaged over heads
-  (or one head). The usual "raw attention" baseline.
+  (or one head). The usual "raw attention" baseline. (Mean-pooling models: see below.)
 - ``"rollout"``: attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in
   Transformers", ACL 2020), as popularised for ViTs by Jacob Gildenblat's *vit-explain*: per layer
   fuse the heads (mean, max or min), optionally zero the weakest entries (``discard_ratio``), add
@@ -43,8 +43,13 @@ losses), and a ViT never mixes images.
 
 Prefix tokens beyond CLS (distillation, registers) take part in every product like any token; only
 the final CLS row is restricted to the patch columns (``layout.patch_slice``) and reshaped to the
-patch grid. A model without a CLS token (global average pooling) has no row to read: the
-CLS-based methods refuse it.
+patch grid. For a model that reads out the *mean* of its tokens instead of a CLS token (global
+average pooling: timm ``global_pool="avg"``, SigLIP without its head, BEiT's mean pooling) the row
+read is that mean: the average of the rows of the tokens it pools (its "readout row",
+:meth:`vitscope.ViT.readout_row`), in each method where the CLS row stands above. A readout that
+pools by attention (SigLIP's and timm's attention-pooling heads, CaiT's class-attention blocks)
+attends with a query whose attention is not in any analysed layer, so there is no row to read: the
+row-based methods refuse it, and ``"interaction"`` and ``"random"`` apply to every model.
 
 Deviations from vit-explain's code, each a fix rather than a choice: rows are renormalised by their
 own sum (vit-explain divides by a broadcast that normalises columns), every image of a batch gets its
@@ -70,7 +75,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Every explanation method, in the order results are reported.
 METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance", "interaction", "random")
-#: Methods that read the CLS token's attention row (they do not apply to pooling models).
+#: Methods that read the readout's attention row: the CLS token's, or for a mean-pooling model the
+#: mean of the pooled tokens' rows (they do not apply to attention-pooling readouts).
 CLS_METHODS: tuple[str, ...] = ("attention", "rollout", "grad_rollout", "relevance")
 #: Methods that need one backward pass (of the target logit).
 GRADIENT_METHODS: tuple[str, ...] = ("grad_rollout", "relevance")
@@ -168,6 +174,9 @@ def _cls_explanations(
     layout = vit.layout
     L = vit.num_layers
     cls = layout.cls_index
+    read = vit.readout_row()  # (T,): one-hot at CLS, or uniform over the mean-pooled tokens
+    assert read is not None  # (refused by _check_methods)
+    by_cls = cls is not None and bool(read[cls] == 1)
     patches = layout.patch_slice
     B = x.shape[0]
     T = layout.num_tokens
@@ -188,7 +197,8 @@ def _cls_explanations(
         seen_forward.add(layer)
         a = attn.float()
         if "attention" in want and layer == L - 1:
-            row = a[:, :, cls, patches]  # (B, H, P)
+            # (B, H, P): the CLS row, or the mean of the pooled tokens' rows
+            row = a[:, :, cls, patches] if by_cls else torch.einsum("t,bhtk->bhk", read.to(a), a)[..., patches]
             last_row.append(row.mean(1) if head is None else row[:, head])
         if "rollout" in want:
             rollout_mats[layer] = rollout_matrix(fuse_heads(a, fusion), discard)
@@ -229,8 +239,7 @@ def _cls_explanations(
             _resolve_target(target, torch.zeros(B, dtype=torch.long, device=x.device), vit.num_classes)
 
     out: dict[str, torch.Tensor] = {}
-    start = torch.zeros(B, T, dtype=torch.float64, device=x.device)
-    start[:, cls] = 1.0
+    start = read.to(device=x.device, dtype=torch.float64).expand(B, T)
     for method in methods:
         if method == "attention":
             flat = last_row[0]
@@ -317,13 +326,14 @@ def _check_methods(vit: "ViT", methods: Iterable[str]) -> list[str]:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown explanation method(s) {bad}; valid methods: {', '.join(METHODS)}")
-    if vit.layout.cls_index is None:
+    if vit.readout_row() is None:
         need = [m for m in methods if m in CLS_METHODS]
         if need:
             raise ValueError(
-                f"{vit.name} has no CLS token (it pools its patch tokens), so {', '.join(need)} cannot be computed: "
-                f"the methods {', '.join(CLS_METHODS)} all read the CLS token's row of attention, and none of them "
-                "applies to this model (only 'interaction' and 'random' do)"
+                f"{vit.name} pools its tokens by attention (an attention-pooling head or class-attention blocks), so "
+                f"{', '.join(need)} cannot be computed: the methods {', '.join(CLS_METHODS)} all read the readout's row of "
+                "attention (the CLS token's, or the mean of the pooled tokens'), and this readout's query attends outside the "
+                "analysed layers; none of them applies to this model (only 'interaction' and 'random' do)"
             )
     if any(m in HEAD_METHODS for m in methods) and not vit.num_classes:
         raise ValueError(

@@ -334,6 +334,49 @@ def head_sweep_naive(vit: "ViT", x: Any, targets: Targets = None, *, objective: 
 
 
 # --------------------------------------------------------------------------- 2. Taylor
+@torch.no_grad()
+def readout_head_sweep(vit: "ViT", x: Any, targets: Targets = None) -> dict[str, np.ndarray]:
+    """Prune each head of each *readout* layer alone (CaiT's class attention, attention pooling;
+    :attr:`ViT.readout_layers`) and measure the target's probability, like :func:`head_sweep` for the
+    model's layers.
+
+    The blocks run once; each pruned readout reads their output with that head's context zeroed.
+    Returns ``base_prob (B,)``, ``target (B,)``, ``prediction (B,)`` and, over ``R`` readout layers
+    of ``H`` heads, ``pruned_prob``, ``pruned_loss`` and ``pruned_correct`` ``(B, R, H)``.
+    """
+    from vitscope.capture.readout_layers import ReadoutPlan, readout_plans
+
+    vit._require_head()
+    x = _as_batch(vit, x)
+    layers = vit.readout_layers
+    if not layers:
+        raise ValueError(f"{vit.name} has no attention in its readout (it reads a CLS token or a mean); use head_sweep")
+    heads = {int(m.num_heads) for m in layers}
+    if len(heads) != 1:  # pragma: no cover - every supported family has one head count
+        raise ValueError(f"readout layers with different head counts {sorted(heads)}")
+    H, R = heads.pop(), len(layers)
+    last = vit.run_blocks(vit.embed(x))
+    ones = torch.ones(H, dtype=last.dtype, device=last.device)
+    with readout_plans(layers, {i: ReadoutPlan(head_gate=ones) for i in range(R)}):  # the same explicit path
+        base = vit.readout(last).double()
+    prediction = base.argmax(-1)
+    target = _resolve_targets(targets, prediction, base.shape[1])
+    B = base.shape[0]
+    logp = torch.empty(B, R, H, dtype=torch.float64)
+    correct = torch.empty(B, R, H, dtype=torch.bool)
+    for i in range(R):
+        for h in range(H):
+            gate = ones.clone()
+            gate[h] = 0.0
+            with readout_plans(layers, {i: ReadoutPlan(head_gate=gate)}):
+                logits = vit.readout(last).double()
+            logp[:, i, h] = logits.log_softmax(-1).gather(1, target[:, None]).squeeze(1).cpu()
+            correct[:, i, h] = (logits.argmax(-1) == target).cpu()
+    base_lp = base.log_softmax(-1).gather(1, target[:, None]).squeeze(1).cpu()
+    return {"base_prob": base_lp.exp().numpy(), "target": target.cpu().numpy(), "prediction": prediction.cpu().numpy(),
+            "pruned_prob": logp.exp().numpy(), "pruned_loss": (-logp).numpy(), "pruned_correct": correct.numpy()}
+
+
 #: Above this many bytes of attention maps (``L * H * T^2`` per image, float32) :func:`taylor_importance`
 #: recomputes each block in the backward pass instead of keeping what the block saved for it: the
 #: maps themselves where attention runs explicitly (talking heads, float biases on some kernels),

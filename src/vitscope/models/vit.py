@@ -247,6 +247,66 @@ class ViT:
             raise ValueError(f"n must be between 1 and the {h.shape[1]} tokens of h, got {n}")
         return self.backend.run_block_queries(layer, h, n)  # type: ignore[attr-defined]
 
+    # ------------------------------------------- attention inside the readout
+    @property
+    def readout_layers(self) -> list[torch.nn.Module]:
+        """The attention modules inside the readout, as readout layers ``0..R-1``: CaiT's
+        class-attention blocks, an attention-pooling head (timm ``AttentionPoolLatent``); empty for
+        a CLS or mean-pooling readout. See :mod:`vitscope.capture.readout_layers`."""
+        fn = getattr(self.backend, "readout_modules", None)
+        return list(fn()) if fn is not None else []
+
+    def readout_layout(self, index: int) -> TokenLayout:
+        """The key tokens of readout layer ``index``: for CaiT's class attention ``[CLS, patches]``
+        (CLS at 0, its own layout: the analysed layers have no CLS), for attention pooling the last
+        block's tokens (:attr:`layout`)."""
+        from vitscope.capture.readout_layers import readout_kind
+
+        m = self._readout_layer(index)
+        if readout_kind(m) == "class_attention":
+            lay = self.layout
+            return TokenLayout(1, 0, None, (), lay.grid, lay.patch_size)
+        return self.layout
+
+    def _readout_layer(self, index: int) -> torch.nn.Module:
+        layers = self.readout_layers
+        if not 0 <= index < len(layers):
+            raise ValueError(f"readout layer {index} out of range: {self.name} has {len(layers)} readout attention layer(s)"
+                             + ("" if layers else " (its readout reads a CLS token or a mean, not attention)"))
+        return layers[index]
+
+    @torch.no_grad()
+    def readout_attention(self, x: Inputs) -> list[torch.Tensor]:
+        """Each readout layer's attention ``(B, H, Q, K)`` (Q queries: CaiT's CLS, or the pooling
+        latents; K keys per :meth:`readout_layout`), computed as timm's unfused path does."""
+        from vitscope.capture.readout_layers import ReadoutPlan, readout_plans
+
+        layers = self.readout_layers
+        if not layers:
+            self._readout_layer(0)  # raises, saying why
+        maps: dict[int, torch.Tensor] = {}
+        with readout_plans(layers, {i: ReadoutPlan(on_attention=maps.__setitem__) for i in range(len(layers))}):
+            self.backend.forward(self._input(x)) if self.readout_head is None else self.logits(self._input(x))
+        return [maps[i] for i in range(len(layers))]
+
+    def readout_row(self) -> Optional[torch.Tensor]:
+        """How the readout reads the last block's tokens, as weights over them ``(T,)`` float64: one-hot
+        at the CLS token for a CLS readout, uniform over the pooled tokens for mean pooling; None for a
+        readout that pools by attention (its query's attention is outside the analysed layers). The
+        explanations' row (``vitscope.explain``)."""
+        fn = getattr(self.backend, "pooling", None)
+        cls = self.layout.cls_index
+        pooling = fn() if fn is not None else (("token", cls) if cls is not None else None)
+        if pooling is None:
+            return None
+        kind, index = pooling
+        row = torch.zeros(self.num_tokens, dtype=torch.float64)
+        if kind == "token":
+            row[index] = 1.0
+        else:  # "mean" over tokens index..T-1
+            row[index:] = 1.0 / (self.num_tokens - index)
+        return row
+
     def readout_tokens(self) -> Optional[int]:
         """``n`` when :meth:`readout` reads only the first ``n`` tokens of the last block's output
         (CLS: 1; CLS + distillation token: 2), so it can be given just those; None otherwise."""

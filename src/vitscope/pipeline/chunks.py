@@ -19,6 +19,7 @@ import torch
 from vitscope.core.progress import Progress
 from vitscope.pipeline.batch import BatchResult, analyze_batch, merge_batch_results
 from vitscope.pipeline.context import RunContext
+from vitscope.pipeline.distributed import reset_turns
 from vitscope.store.errors import DamagedChunkWarning, NotARunError
 from vitscope.store.layout import INTERACTION_STATE
 from vitscope.store.manifest import now_iso
@@ -59,16 +60,23 @@ def verified_done_chunks(ctx: RunContext, prog: Progress) -> set[int]:
 def run_chunks(ctx: RunContext, prog: Progress) -> None:
     """Analyse and publish every chunk that is not already done (in a parallel job: this rank's share)."""
     job = ctx.job
-    done = job.from_main(lambda: verified_done_chunks(ctx, prog))
+    turns = ctx.store.work_path("chunks_next")
+
+    def start() -> set[int]:
+        done = verified_done_chunks(ctx, prog)
+        reset_turns(turns)
+        return done
+
+    done = job.from_main(start)
     n_done_images = sum(len(ctx.chunk_records(i)) for i in done)
     task = prog.add_task("analysing images", total=len(ctx.records), completed=n_done_images)
     if done:
         prog.log(f"resuming: {len(done)} of {ctx.n_chunks} chunks already done")
     if job.world > 1:
-        prog.log(f"{job.world} processes; this one (rank {job.rank}) analyses chunks {job.rank}, {job.rank + job.world}, ...")
-    for i in range(ctx.n_chunks):
-        if i in done or not job.owns(i):
-            continue
+        prog.log(f"{job.world} processes share the chunks (each takes the next one when it is free); this bar shows rank 0's")
+    todo = [i for i in range(ctx.n_chunks) if i not in done]
+    for turn in job.take_turns(turns, len(todo)):
+        i = todo[turn]
         records = ctx.chunk_records(i)
         failures: list[dict[str, Any]] = []
 

@@ -1,8 +1,8 @@
 """``analyze`` under ``torchrun``: the chunks are split across the processes of one job.
 
 Every chunk is independent (its own partial sums, merged in chunk order by the final steps), so a
-job of N processes writes the same chunk folders as one process would: rank ``r`` analyses the
-unfinished chunks ``i`` with ``i % N == r``. Once every rank is done, the final steps run on rank 0,
+job of N processes writes the same chunk folders as one process would: each rank takes the next
+unfinished chunk whenever it is free (:meth:`Job.take_turns`). Once every rank is done, the final steps run on rank 0,
 except the two that cost most, which are shared out too: the pattern catalogues (one autoencoder per
 rank) and then the pruning curves (the curve images in fixed groups, taken by whichever rank is
 free, their sums added in group order on rank 0). The run is therefore the same, bit for bit, for any number of processes, and
@@ -39,9 +39,9 @@ class Job:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def owns(self, chunk: int) -> bool:
-        """Whether this process analyses chunk ``chunk``."""
-        return chunk % self.world == self.rank
+    def owns(self, item: int) -> bool:
+        """Whether item ``item`` of a fixed round-robin split is this process's (``item % world == rank``)."""
+        return item % self.world == self.rank
 
     def barrier(self) -> None:
         if self.world > 1:

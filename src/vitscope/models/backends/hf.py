@@ -285,6 +285,16 @@ class HFBackend:
             return last[:, 1:].mean(dim=1) if self.config.use_mean_pooling else last[:, 0]
         return last[:, 0]  # CLS after the final layer norm
 
+    def pooling(self) -> Optional[tuple[str, int]]:
+        """How :meth:`embedding` pools the tokens: ``("token", 0)`` (CLS), ``("mean", first)`` (the mean
+        of tokens ``first..``), or None (SigLIP's attention-pooling head)."""
+        t, b = self.model_type, self.base
+        if t.startswith("siglip"):
+            return None if getattr(b, "use_head", False) else ("mean", 0)
+        if t in ("beit", "data2vec-vision") and getattr(self.config, "use_mean_pooling", False):
+            return ("mean", 1)
+        return ("token", 0)
+
     def embedding(self, h: torch.Tensor) -> torch.Tensor:
         """The pooled image embedding ``(B, D)``: CLS after the final norm (ViT, DeiT, DINOv2, MAE),
         the pooler output (CLIP, SigLIP with its attention-pooling head, BEiT / Data2Vec), or the mean

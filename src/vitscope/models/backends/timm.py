@@ -329,6 +329,26 @@ class TimmBackend:
         x = h[:, :n] + blk.drop_path1(blk.ls1(a.proj_drop(a.proj(ctx))))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
+    def readout_modules(self) -> list[nn.Module]:
+        """The attention-pooling head (``attn_pool``), when the model reads out through one."""
+        from vitscope.capture.readout_layers import readout_kind
+
+        pool = getattr(self.module, "attn_pool", None)
+        return [pool] if pool is not None and readout_kind(pool) is not None else []
+
+    def pooling(self) -> Optional[tuple[str, int]]:
+        """How ``forward_head`` pools the tokens: ``("token", 0)`` (CLS), ``("mean", first)`` (the mean
+        of tokens ``first..``, global average pooling), or None (attention pooling, max pooling)."""
+        m = self.module
+        if getattr(m, "attn_pool", None) is not None:
+            return None
+        pool = getattr(m, "global_pool", None)
+        if pool == "token" and self.layout().cls_index is not None:
+            return ("token", int(self.layout().cls_index))
+        if pool == "avg":
+            return ("mean", int(getattr(m, "num_prefix_tokens", 0)))
+        return None
+
     def readout_tokens(self) -> Optional[int]:
         """1 for a ``VisionTransformer`` that reads its CLS token (``global_pool='token'``, no
         attention pooling), 2 for DeiT's distilled model (CLS and distillation token); None for
@@ -466,6 +486,15 @@ class CaitBackend(TimmBackend):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         return m.pos_drop(m.patch_embed(x) + m.pos_embed)
+
+    def pooling(self) -> None:
+        """None: the class token enters in the class-attention blocks, outside the analysed layers."""
+        return None
+
+    def readout_modules(self) -> list[nn.Module]:
+        """The class-attention of each ``blocks_token_only`` block (CLS queries ``[CLS, patches]``)."""
+        blocks = self.module.blocks_token_only
+        return [blk.attn for blk in blocks] if blocks is not None else []
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         m = self.module
