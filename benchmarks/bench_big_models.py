@@ -2,8 +2,9 @@
 """Peak memory and time of ``analyze``'s per-batch stages on big models (random weights of the real
 sizes, CPU, float32): ViT-L/14 at 224 px (T = 257) and a DINOv2-L at 518 px (T = 1370).
 
-Each model runs in its own process; before each stage the process's peak resident memory is reset
-(``/proc/self/clear_refs``), so each stage's figure is its own peak above the loaded model. Stages:
+Each stage runs in a fresh process of its own (so no stage reuses memory another freed); its figure
+is the process's peak resident memory during the stage above what it held with the model and the
+input loaded (``/proc/self/clear_refs`` resets the peak before the stage). Stages:
 the plain fused forward; the attention stream with every per-map measure of ``analyze`` (strength,
 pattern inputs); Taylor importance (keeping every layer's maps, and recomputing blocks in the
 backward as ``analyze`` does for long sequences); the head sweep of one layer (its first, the most
@@ -12,7 +13,7 @@ expensive: every later block runs for each head), from which the whole sweep's t
 :mod:`vitscope.pipeline.memory` and the ``L x H x T x T`` maps of one image that the analyses never
 hold at once.
 
-    .venv/bin/python benchmarks/bench_big_models.py [--batch 2] [--threads 2] [--only vit_l14_224|dinov2_l_518]
+    .venv/bin/python benchmarks/bench_big_models.py [--batch 1] [--threads 2] [--only vit_l14_224|dinov2_l_518]
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def stage(name: str, fn, out: dict) -> None:
     print(name, out[name], file=sys.stderr, flush=True)
 
 
-def child(key: str, batch: int, threads: int) -> dict:
+STAGES = ("forward", "stream", "taylor_keep_maps", "taylor_recompute", "sweep_layer0")
+
+
+def child(key: str, stage_name: str, batch: int, threads: int) -> dict:
     import timm
     import torch
 
@@ -78,50 +82,54 @@ def child(key: str, batch: int, threads: int) -> dict:
     S = kw["img_size"]
     x = torch.randn(batch, 3, S, S)
     L, H, T = vit.num_layers, vit.num_heads, vit.num_tokens
-    res: dict = {"model": name, "img_size": S, "batch": batch, "threads": threads, "L": L, "H": H, "T": T}
-    res["all_maps_one_image_gib"] = round(L * H * T * T * 4 / 2**30, 3)
     est = estimate_memory(vit)
-    res["estimate_gib"] = {"weights": round(est.weights / 2**30, 3), "per_image": round(est.per_image / 2**30, 3),
-                           "batch": round(est.batch(batch) / 2**30, 3)}
-    res["taylor_recomputes"] = not imp.taylor_keeps_maps(vit, batch)
-    with torch.no_grad():
-        stage("forward", lambda: vit.module(x), res)
+    res: dict = {"model": name, "img_size": S, "batch": batch, "threads": threads, "L": L, "H": H, "T": T,
+                 "all_maps_one_image_gib": round(L * H * T * T * 4 / 2**30, 3), "weights_gib": round(est.weights / 2**30, 3),
+                 "estimate_per_image_gib": round(est.per_image / 2**30, 3), "taylor_recomputes": not imp.taylor_keeps_maps(vit, batch)}
 
-        def stream() -> None:
-            def on_attention(layer: int, attn: torch.Tensor) -> None:
-                strength.attention_strength(attn, vit.layout)
-                patterns.pattern_inputs(attn, vit.layout, size=16)
+    def stream() -> None:
+        def on_attention(layer: int, attn: torch.Tensor) -> None:
+            strength.attention_strength(attn, vit.layout)
+            patterns.pattern_inputs(attn, vit.layout, size=16)
 
+        with torch.no_grad():
             vit.stream(x, on_attention=on_attention, maps="softmax")
 
-        stage("stream", stream, res)
-    stage("taylor_recompute", lambda: imp.taylor_importance(vit, x, recompute=True), res)
-    if not res["taylor_recomputes"]:
-        stage("taylor_keep_maps", lambda: imp.taylor_importance(vit, x, recompute=False), res)
-    stage("sweep_layer0", lambda: imp.head_sweep(vit, x, layers=[0]), res)
-    # Layer l's sweep runs L - l blocks per head (the pruned one and every later one).
-    res["sweep_all_layers_extrapolated_s"] = round(res["sweep_layer0"]["seconds"] * sum(L - l for l in range(L)) / L, 1)
-    res["peak_measured_gib"] = round(max(v["peak_above_model_gib"] for v in res.values() if isinstance(v, dict) and "peak_above_model_gib" in v), 3)
-    res["weights_gib"] = round(est.weights / 2**30, 3)
+    run = {
+        "forward": lambda: torch.no_grad()(vit.module)(x),
+        "stream": stream,
+        "taylor_keep_maps": lambda: imp.taylor_importance(vit, x, recompute=False),
+        "taylor_recompute": lambda: imp.taylor_importance(vit, x, recompute=True),
+        "sweep_layer0": lambda: imp.head_sweep(vit, x, layers=[0]),
+    }[stage_name]
+    stage(stage_name, run, res)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=list(MODELS))
     ap.add_argument("--child", choices=list(MODELS), help=argparse.SUPPRESS)
+    ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.batch, args.threads)))
+        print(json.dumps(child(args.child, args.stage, args.batch, args.threads)))
         return
-    rows = []
     for key in [args.only] if args.only else list(MODELS):
-        done = subprocess.run([sys.executable, __file__, "--child", key, "--batch", str(args.batch), "--threads", str(args.threads)],
-                              check=True, capture_output=True, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1], indent=1))
+        row: dict = {}
+        for st in STAGES:
+            done = subprocess.run([sys.executable, __file__, "--child", key, "--stage", st, "--batch", str(args.batch),
+                                   "--threads", str(args.threads)], check=True, capture_output=True, text=True)
+            part = json.loads(done.stdout.strip().splitlines()[-1])
+            row.update({k: v for k, v in part.items() if k not in STAGES}, **{st: part[st]})
+        L = row["L"]
+        # Layer l's sweep runs L - l blocks per head (the pruned one and every later one).
+        row["sweep_all_layers_extrapolated_s"] = round(row["sweep_layer0"]["seconds"] * sum(L - l for l in range(L)) / L, 1)
+        used = ["stream", "sweep_layer0", "taylor_recompute" if row["taylor_recomputes"] else "taylor_keep_maps"]
+        row["analyze_peak_above_model_gib"] = max(row[st]["peak_above_model_gib"] for st in used)
+        print(json.dumps(row, indent=1), flush=True)
 
 
 if __name__ == "__main__":

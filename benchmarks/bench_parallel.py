@@ -4,8 +4,9 @@
 
 Both runs analyse the same ``--images`` ImageNet-sample photos with DeiT-Tiny into fresh folders;
 wall time is the whole command (model load, chunks, final steps). The chunks split across the
-processes; the final steps (autoencoders, curves, overview) run on rank 0, so they bound the
-speed-up (Amdahl): the script also reports the chunk stage alone, from each run's manifest timings.
+processes as they become free, and so do the costliest final steps (one pattern autoencoder per
+rank, then groups of curve images); the rest of the final steps run on rank 0. The script also
+reports each stage's time, from each run's manifest timings (rank 0's for the parallel run).
 
     .venv/bin/python benchmarks/bench_parallel.py [--images 200] [--nproc 2] [--out /tmp/bench-parallel]
 """

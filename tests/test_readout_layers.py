@@ -41,7 +41,43 @@ def _attention_pool():
     return _randomise(m)
 
 
-MODELS = {"cait": _cait, "attention_pool": _attention_pool}
+def _siglip_head(model: nn.Module) -> nn.Module:
+    return getattr(model, "vision_model", model).head  # (older transformers nest the tower)
+
+
+def _siglip():
+    import transformers as tr
+
+    torch.manual_seed(0)
+    c = tr.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                              patch_size=8, vision_use_head=True)
+    m = tr.SiglipVisionModel(c).eval()
+    with torch.no_grad():
+        _siglip_head(m).attention.in_proj_weight.mul_(6.0)  # peaked maps
+    return m
+
+
+MODELS = {"cait": _cait, "attention_pool": _attention_pool, "siglip": _siglip}
+
+
+def _load(family: str):
+    """The model, and its ViT (a SigLIP tower gets a fixed random linear readout: logits to prune by)."""
+    from vitscope.models.readouts import LinearReadout
+
+    module = MODELS[family]()
+    vit = vitscope.load_model(module, device="cpu")
+    if family == "siglip":
+        g = torch.Generator().manual_seed(1)
+        vit = vit.with_readout(LinearReadout(torch.randn(5, 32, generator=g), torch.zeros(5), [str(i) for i in range(5)]))
+    return module, vit
+
+
+def _readout_modules(module: nn.Module) -> list[nn.Module]:
+    if hasattr(module, "blocks_token_only"):
+        return [blk.attn for blk in module.blocks_token_only]
+    if hasattr(module, "attn_pool"):
+        return [module.attn_pool]
+    return [_siglip_head(module)]
 
 
 class _Recorder(nn.Module):
@@ -82,14 +118,34 @@ def _reference(module: nn.Module, x: torch.Tensor):
     return [r.maps[0] for r in recs], logits, ref, mods
 
 
+def _siglip_reference(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The pooling head's per-head weights from ``nn.MultiheadAttention`` itself."""
+    ref = copy.deepcopy(module)
+    seen = []
+    head = _siglip_head(ref)
+    original = head.attention.forward
+
+    def with_weights(q, k, v, **kw):
+        out, w = original(q, k, v, need_weights=True, average_attn_weights=False)
+        seen.append(w.detach())
+        return out, w
+
+    head.attention.forward = with_weights
+    with torch.no_grad():
+        ref(pixel_values=x)
+    return seen
+
+
 @pytest.mark.parametrize("family", list(MODELS))
-def test_readout_maps_equal_timm_unfused_and_the_forward_is_untouched(family):
-    module = MODELS[family]()
-    vit = vitscope.load_model(module, device="cpu")
+def test_readout_maps_equal_the_librarys_and_the_forward_is_untouched(family):
+    module, vit = _load(family)
     x = torch.randn(3, 3, 32, 32)
     plain = vit.logits(x)
     maps = vit.readout_attention(x)
-    want, ref_logits, _, _ = _reference(module, x)
+    if family == "siglip":
+        want, ref_logits = _siglip_reference(module, x), plain
+    else:
+        want, ref_logits, _, _ = _reference(module, x)
     assert len(maps) == len(want) == (2 if family == "cait" else 1)
     P = vit.layout.num_patches
     for i, (got, w) in enumerate(zip(maps, want)):
@@ -108,30 +164,29 @@ def test_readout_maps_equal_timm_unfused_and_the_forward_is_untouched(family):
 
 @pytest.mark.parametrize("family", list(MODELS))
 def test_pruning_a_readout_head_equals_zeroing_its_context(family):
-    module = MODELS[family]()
-    vit = vitscope.load_model(module, device="cpu")
+    """Against a copy of the model whose output projection has head h's input columns zeroed (the
+    same as zeroing that head's slice of the context)."""
+    module, vit = _load(family)
     x = torch.randn(4, 3, 32, 32)
     target = torch.tensor([0, 1, 2, 3])
     got = readout_head_sweep(vit, x, target)
     R, H = len(vit.readout_layers), vit.num_heads
     assert got["pruned_prob"].shape == (4, R, H)
-    _, _, ref, mods = _reference(module, x)
-    d = mods[0].proj.in_features // H
-    with torch.no_grad():
-        base = ref(x).double().softmax(-1)[torch.arange(4), target]
+    base = vit.logits(x).double().softmax(-1)[torch.arange(4), target]
     torch.testing.assert_close(torch.from_numpy(got["base_prob"]), base, atol=1e-5, rtol=0)
     moved = 0.0
-    for i, m in enumerate(mods):
+    for i in range(R):
         for h in range(H):
-            def zero(_m, args, h=h):
-                ctx = args[0].clone()
-                ctx[..., h * d : (h + 1) * d] = 0
-                return (ctx,)
-
-            hook = m.proj.register_forward_pre_hook(zero)
+            ref = copy.deepcopy(module)
+            m = _readout_modules(ref)[i]
+            proj = m.attention.out_proj if family == "siglip" else m.proj
+            d = proj.in_features // H
             with torch.no_grad():
-                want = ref(x).double().softmax(-1)[torch.arange(4), target]
-            hook.remove()
+                proj.weight[:, h * d : (h + 1) * d] = 0
+            ref_vit = vitscope.load_model(ref, device="cpu")
+            if vit.readout_head is not None:
+                ref_vit = ref_vit.with_readout(vit.readout_head)
+            want = ref_vit.logits(x).double().softmax(-1)[torch.arange(4), target]
             torch.testing.assert_close(torch.from_numpy(got["pruned_prob"][:, i, h]), want, atol=1e-5, rtol=0)
             moved = max(moved, float((want - base).abs().max()))
     assert moved > 1e-3  # some readout head matters
@@ -143,3 +198,35 @@ def test_models_without_readout_attention_say_so(random_vit):
         readout_head_sweep(random_vit, torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="0 readout attention layer.*CLS token or a mean"):
         random_vit.readout_attention(torch.randn(1, 3, 32, 32))
+
+
+def test_analyze_stores_the_readout_layers(tmp_path):
+    """A CaiT run: every image's class-attention maps and each readout head's pruned probability
+    (``readout_image_heads``, summarised in ``readout_heads``), equal to the direct computation."""
+    import numpy as np
+    from PIL import Image
+
+    from vitscope.analysis.settings import AnalyzeSettings
+    from vitscope.data import iter_batches, load_images
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "images" / str(i % 3)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / str(i % 3) / f"{i}.png")
+    vit = vitscope.load_model(_cait(), device="cpu")
+    settings = AnalyzeSettings(batch_size=4, n_boot=20, ae_epochs=1, ae_min_steps=4, n_clusters=2, curve_images=2, curve_points=3, projection="pca")
+    run = vitscope.analyze(vit, tmp_path / "images", tmp_path / "run", settings=settings, progress=False)
+    batch = next(iter_batches(load_images(tmp_path / "images"), vit.preprocessing, batch_size=6))
+    direct = readout_head_sweep(vit, batch.x, torch.as_tensor(run.images.set_index("image_id").loc[batch.image_ids, "target"].to_numpy()))
+    rih = run.table("readout_image_heads").set_index(["image_id", "readout_layer", "head"]).sort_index()
+    R, H = 2, vit.num_heads
+    got = rih["pruned_prob"].to_numpy().reshape(6, R, H)
+    order = np.argsort(batch.image_ids)
+    np.testing.assert_allclose(got, direct["pruned_prob"][order], atol=1e-6)
+    rh = run.table("readout_heads")
+    assert len(rh) == R * H and {"readout_layer", "head", "prob_drop", "prob_drop_lo", "prob_drop_hi"} <= set(rh.columns)
+    maps = run.array("readout_attention")[...]
+    assert maps.shape == (6, R, H, 1, vit.layout.num_patches + 1)
+    row = {int(i): r for r, i in enumerate(run.images["image_id"])}
+    want = torch.stack(vit.readout_attention(batch.x), 1).numpy()
+    np.testing.assert_allclose(maps[[row[int(i)] for i in batch.image_ids]].astype(np.float32), want, atol=2e-3)

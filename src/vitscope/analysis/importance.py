@@ -41,6 +41,7 @@ from vitscope.analysis.inputs import split_batch as _split_batch
 from vitscope.capture.masks import REGIONS, region_matrix, regions_for
 from vitscope.capture.runtime import LayerPlan
 from vitscope.core.indices import check_head
+from vitscope.models.vit import CaptureError
 from vitscope.analysis.metrics import HEAD_METRICS, ranking_metrics
 from vitscope.core.stats import bootstrap_means
 
@@ -341,8 +342,9 @@ def readout_head_sweep(vit: "ViT", x: Any, targets: Targets = None) -> dict[str,
     model's layers.
 
     The blocks run once; each pruned readout reads their output with that head's context zeroed.
-    Returns ``base_prob (B,)``, ``target (B,)``, ``prediction (B,)`` and, over ``R`` readout layers
-    of ``H`` heads, ``pruned_prob``, ``pruned_loss`` and ``pruned_correct`` ``(B, R, H)``.
+    Returns ``base_prob (B,)``, ``target (B,)``, ``prediction (B,)``, the readout layers' maps
+    ``attention (B, R, H, Q, K)`` (float32) and, over ``R`` readout layers of ``H`` heads,
+    ``pruned_prob``, ``pruned_loss`` and ``pruned_correct`` ``(B, R, H)``.
     """
     from vitscope.capture.readout_layers import ReadoutPlan, readout_plans
 
@@ -351,14 +353,19 @@ def readout_head_sweep(vit: "ViT", x: Any, targets: Targets = None) -> dict[str,
     layers = vit.readout_layers
     if not layers:
         raise ValueError(f"{vit.name} has no attention in its readout (it reads a CLS token or a mean); use head_sweep")
-    heads = {int(m.num_heads) for m in layers}
+    from vitscope.capture.readout_layers import readout_num_heads
+
+    heads = {readout_num_heads(m) for m in layers}
     if len(heads) != 1:  # pragma: no cover - every supported family has one head count
         raise ValueError(f"readout layers with different head counts {sorted(heads)}")
     H, R = heads.pop(), len(layers)
     last = vit.run_blocks(vit.embed(x))
     ones = torch.ones(H, dtype=last.dtype, device=last.device)
-    with readout_plans(layers, {i: ReadoutPlan(head_gate=ones) for i in range(R)}):  # the same explicit path
+    maps: dict[int, torch.Tensor] = {}
+    with readout_plans(layers, {i: ReadoutPlan(head_gate=ones, on_attention=maps.__setitem__) for i in range(R)}):  # the same explicit path
         base = vit.readout(last).double()
+    if len(maps) != R:  # pragma: no cover - the backends list only modules their readout runs
+        raise CaptureError(f"readout layer(s) {sorted(set(range(R)) - set(maps))} of {vit.name} did not run in its readout")
     prediction = base.argmax(-1)
     target = _resolve_targets(targets, prediction, base.shape[1])
     B = base.shape[0]
@@ -373,7 +380,9 @@ def readout_head_sweep(vit: "ViT", x: Any, targets: Targets = None) -> dict[str,
             logp[:, i, h] = logits.log_softmax(-1).gather(1, target[:, None]).squeeze(1).cpu()
             correct[:, i, h] = (logits.argmax(-1) == target).cpu()
     base_lp = base.log_softmax(-1).gather(1, target[:, None]).squeeze(1).cpu()
-    return {"base_prob": base_lp.exp().numpy(), "target": target.cpu().numpy(), "prediction": prediction.cpu().numpy(),
+    shapes = {tuple(maps[i].shape) for i in range(R)}
+    attention = torch.stack([maps[i] for i in range(R)], dim=1).float().cpu().numpy() if len(shapes) == 1 else None
+    return {"base_prob": base_lp.exp().numpy(), "target": target.cpu().numpy(), "prediction": prediction.cpu().numpy(), "attention": attention,
             "pruned_prob": logp.exp().numpy(), "pruned_loss": (-logp).numpy(), "pruned_correct": correct.numpy()}
 
 

@@ -2,8 +2,8 @@
 
 Some models read their tokens out through attention that is not one of their square self-attention
 layers: CaiT's class-attention blocks (the CLS token alone queries ``[CLS, patches]``) and the
-attention-pooling heads of SigLIP-style models (timm ``AttentionPoolLatent``: learned latent
-queries attend over every token). Their maps are ``(B, H, Q, K)`` with few queries and their own
+attention-pooling heads of SigLIP-style models (timm ``AttentionPoolLatent``, transformers'
+``SiglipMultiheadAttentionPoolingHead``: learned latent queries attend over every token). Their maps are ``(B, H, Q, K)`` with few queries and their own
 key sequence, so they are *readout layers* of their own, numbered ``0..R-1`` after the model's
 layers, each with its own key layout.
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -35,7 +36,8 @@ class ReadoutPlan:
 
 def readout_kind(module: nn.Module) -> Optional[str]:
     """``"class_attention"`` (timm CaiT ``ClassAttn``), ``"attention_pool"`` (timm
-    ``AttentionPoolLatent``), or None for a module vitscope does not capture."""
+    ``AttentionPoolLatent``), ``"siglip_pool"`` (transformers' SigLIP pooling head), or None for a
+    module vitscope does not capture."""
     from timm.layers.attention_pool import AttentionPoolLatent
     from timm.models.cait import ClassAttn
 
@@ -43,7 +45,14 @@ def readout_kind(module: nn.Module) -> Optional[str]:
         return "class_attention"
     if type(module) is AttentionPoolLatent:
         return "attention_pool"
+    if type(module).__name__ == "SiglipMultiheadAttentionPoolingHead" and isinstance(getattr(module, "attention", None), nn.MultiheadAttention):
+        return "siglip_pool"
     return None
+
+
+def readout_num_heads(module: nn.Module) -> int:
+    """The number of heads of a readout attention module."""
+    return int(module.attention.num_heads if readout_kind(module) == "siglip_pool" else module.num_heads)
 
 
 def _class_attention(m: nn.Module, index: int, plan: ReadoutPlan) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -92,7 +101,32 @@ def _attention_pool(m: nn.Module, index: int, plan: ReadoutPlan) -> Callable[...
     return forward
 
 
-_FORWARDS = {"class_attention": _class_attention, "attention_pool": _attention_pool}
+def _siglip_pool(m: nn.Module, index: int, plan: ReadoutPlan) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:  # transformers' SiglipMultiheadAttentionPoolingHead, its MHA written out
+        mha = m.attention
+        B, N, E = x.shape
+        H = mha.num_heads
+        d = E // H
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        probe = m.probe.repeat(B, 1, 1)
+        Q = probe.shape[1]
+        q = F.linear(probe, w[:E], None if b is None else b[:E]).reshape(B, Q, H, d).transpose(1, 2)
+        k = F.linear(x, w[E : 2 * E], None if b is None else b[E : 2 * E]).reshape(B, N, H, d).transpose(1, 2)
+        v = F.linear(x, w[2 * E :], None if b is None else b[2 * E :]).reshape(B, N, H, d).transpose(1, 2)
+        attn = ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        if plan.on_attention is not None:
+            plan.on_attention(index, attn)
+        ctx = attn @ v
+        if plan.head_gate is not None:
+            ctx = ctx * plan.head_gate.to(ctx).reshape(-1, H, 1, 1)
+        out = mha.out_proj(ctx.transpose(1, 2).reshape(B, Q, E))
+        out = out + m.mlp(m.layernorm(out))
+        return out[:, 0]
+
+    return forward
+
+
+_FORWARDS = {"class_attention": _class_attention, "attention_pool": _attention_pool, "siglip_pool": _siglip_pool}
 
 
 @contextlib.contextmanager

@@ -254,7 +254,7 @@ class ViT:
         class-attention blocks, an attention-pooling head (timm ``AttentionPoolLatent``); empty for
         a CLS or mean-pooling readout. See :mod:`vitscope.capture.readout_layers`."""
         fn = getattr(self.backend, "readout_modules", None)
-        return list(fn()) if fn is not None else []
+        return list(fn(through_embedding=self.readout_head is not None)) if fn is not None else []
 
     def readout_layout(self, index: int) -> TokenLayout:
         """The key tokens of readout layer ``index``: for CaiT's class attention ``[CLS, patches]``

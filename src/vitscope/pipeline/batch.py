@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -30,6 +30,9 @@ class BatchResult:
     images: pd.DataFrame
     image_heads: pd.DataFrame
     arrays: dict[str, np.ndarray]
+    #: Further per-image tables (each with the same number of rows per image, in image order):
+    #: ``readout_image_heads`` for a model whose readout attends.
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def patterns_module() -> Any:
@@ -159,7 +162,29 @@ def analyze_batch(
             maps = explain_all(vit, x, list(explain), target=None if by_embedding else torch.as_tensor(target))
         for method, m in maps.items():
             arrays[f"explain/{method}"] = to_numpy(m).astype(np.float32)
-    return BatchResult(images=images, image_heads=ih, arrays=arrays)
+    tables = {}
+    if not by_embedding and vit.readout_layers:
+        with clock("readout_sweep"):
+            tables["readout_image_heads"], attention = readout_rows(vit, x, torch.as_tensor(target), ids)
+        if attention is not None:
+            arrays["readout_attention"] = attention.astype(np.float16)
+    return BatchResult(images=images, image_heads=ih, arrays=arrays, tables=tables)
+
+
+def readout_rows(vit: "ViT", x: torch.Tensor, target: torch.Tensor, ids: np.ndarray) -> tuple[pd.DataFrame, Optional[np.ndarray]]:
+    """The readout layers' head sweep as ``readout_image_heads`` rows (image, readout layer, head),
+    and their maps ``(B, R, H, Q, K)``."""
+    r = imp.readout_head_sweep(vit, x, target)
+    B, R, H = r["pruned_prob"].shape
+    rows = pd.DataFrame({
+        "image_id": np.repeat(ids, R * H),
+        "readout_layer": np.tile(np.repeat(np.arange(R, dtype=np.int64), H), B),
+        "head": np.tile(np.arange(H, dtype=np.int64), B * R),
+        "pruned_prob": r["pruned_prob"].reshape(-1),
+        "pruned_loss": r["pruned_loss"].reshape(-1),
+        "pruned_correct": r["pruned_correct"].reshape(-1),
+    })  # fmt: skip
+    return rows, r["attention"]
 
 
 def merge_batch_results(parts: Sequence[tuple[np.ndarray, BatchResult]]) -> BatchResult:
@@ -172,11 +197,16 @@ def merge_batch_results(parts: Sequence[tuple[np.ndarray, BatchResult]]) -> Batc
     images = pd.concat([r.images for _, r in parts], ignore_index=True).iloc[order].reset_index(drop=True)
     ih = pd.concat([r.image_heads for _, r in parts], ignore_index=True)
     ih = ih.iloc[(order[:, None] * per + np.arange(per)).reshape(-1)].reset_index(drop=True)
+    tables = {}
+    for name in parts[0][1].tables:
+        t = pd.concat([r.tables[name] for _, r in parts], ignore_index=True)
+        n = len(parts[0][1].tables[name]) // len(parts[0][0])
+        tables[name] = t.iloc[(order[:, None] * n + np.arange(n)).reshape(-1)].reset_index(drop=True)
     arrays = {}
     for name in parts[0][1].arrays:
         values = [r.arrays[name] for _, r in parts]
         arrays[name] = np.sum(values, axis=0) if name == "attention_sum" else np.concatenate(values)[order]
-    return BatchResult(images=images, image_heads=ih, arrays=arrays)
+    return BatchResult(images=images, image_heads=ih, arrays=arrays, tables=tables)
 
 
 #: Largest ``L * H * T * T`` for which a run stores the mean attention matrix (512 MiB in float64).

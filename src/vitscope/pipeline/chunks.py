@@ -131,6 +131,8 @@ def write_chunk(ctx: RunContext, index: int, records: Sequence["ImageRecord"], b
             column += 1
         images.insert(column, "label", pd.array([by_id[i].label for i in images["image_id"]], dtype="Int64"))
         tables = {"images": images, "image_heads": image_heads}
+        for name in results[0].tables:  # (readout_image_heads)
+            tables[name] = pd.concat([r.tables[name] for r in results], ignore_index=True)
     meta = {
         "chunk": index,
         "image_ids": [int(r.image_id) for r in records],

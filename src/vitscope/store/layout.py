@@ -37,6 +37,9 @@ INTERACTION_TABLES = (
 #: The tables of the explanation analyses (``analyze --explain ... --explain-faithfulness``), each
 #: ``<name>.parquet``: one row per (image, method) with the faithfulness AUCs.
 EXPLAIN_TABLES = ("explain_faithfulness",)
+#: The tables of the readout layers (models whose readout attends: CaiT's class attention, attention
+#: pooling), each ``<name>.parquet``: one row per (image, readout layer, head) and per (readout layer, head).
+READOUT_TABLES = ("readout_image_heads", "readout_heads")
 #: Each chunk's own interaction and field statistics (``.npz``), merged over chunks at the end.
 INTERACTION_STATE = "interaction_state.npz"
 

@@ -22,7 +22,7 @@ from zarr.storage import LocalStore
 from vitscope.store import files
 from vitscope.store.errors import NotARunError
 from vitscope.store.lock import LOCK_NAME
-from vitscope.store.layout import ARRAYS, CHUNK_FILES_KEY, CHUNK_META, CHUNKS, EXPLAIN_TABLES, FORMAT, INTERACTION_TABLES, MANIFEST, REPORT, TABLES, WORK
+from vitscope.store.layout import ARRAYS, CHUNK_FILES_KEY, CHUNK_META, CHUNKS, EXPLAIN_TABLES, FORMAT, INTERACTION_TABLES, MANIFEST, READOUT_TABLES, REPORT, TABLES, WORK
 
 _GROUP_META = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode()
 
@@ -299,7 +299,7 @@ class RunStore:
 
     def clear(self) -> None:
         """Delete everything a run writes (and only that) so the folder can hold a new run."""
-        for name in (*TABLES, *INTERACTION_TABLES, *EXPLAIN_TABLES):
+        for name in (*TABLES, *INTERACTION_TABLES, *EXPLAIN_TABLES, *READOUT_TABLES):
             self.table_path(name).unlink(missing_ok=True)
         for sub in (ARRAYS, CHUNKS, WORK, REPORT):
             shutil.rmtree(self.path / sub, ignore_errors=True)

@@ -285,6 +285,15 @@ class HFBackend:
             return last[:, 1:].mean(dim=1) if self.config.use_mean_pooling else last[:, 0]
         return last[:, 0]  # CLS after the final layer norm
 
+    def readout_modules(self, through_embedding: bool = False) -> list[nn.Module]:
+        """SigLIP's attention-pooling head, when the tower has one and the readout goes through it: a
+        backbone's (its readout is its embedding), or any readout of the embedding
+        (``through_embedding``); SigLIP's classifier reads the mean of the tokens instead."""
+        if self.readout_kind is not None and not through_embedding:
+            return []
+        head = getattr(self.base, "head", None) if self.model_type.startswith("siglip") and getattr(self.base, "use_head", False) else None
+        return [head] if head is not None else []
+
     def pooling(self) -> Optional[tuple[str, int]]:
         """How :meth:`embedding` pools the tokens: ``("token", 0)`` (CLS), ``("mean", first)`` (the mean
         of tokens ``first..``), or None (SigLIP's attention-pooling head)."""

@@ -329,8 +329,9 @@ class TimmBackend:
         x = h[:, :n] + blk.drop_path1(blk.ls1(a.proj_drop(a.proj(ctx))))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
-    def readout_modules(self) -> list[nn.Module]:
-        """The attention-pooling head (``attn_pool``), when the model reads out through one."""
+    def readout_modules(self, through_embedding: bool = False) -> list[nn.Module]:
+        """The attention-pooling head (``attn_pool``), when the model reads out through one (its
+        classifier and its embedding both do)."""
         from vitscope.capture.readout_layers import readout_kind
 
         pool = getattr(self.module, "attn_pool", None)
@@ -491,7 +492,7 @@ class CaitBackend(TimmBackend):
         """None: the class token enters in the class-attention blocks, outside the analysed layers."""
         return None
 
-    def readout_modules(self) -> list[nn.Module]:
+    def readout_modules(self, through_embedding: bool = False) -> list[nn.Module]:
         """The class-attention of each ``blocks_token_only`` block (CLS queries ``[CLS, patches]``)."""
         blocks = self.module.blocks_token_only
         return [blk.attn for blk in blocks] if blocks is not None else []

@@ -42,7 +42,7 @@ def curve_plan(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame,
 
 #: The curve images are cut into at least this many groups (when there are that many images), so
 #: that the ranks of a job share them evenly; the groups do not depend on the job's size.
-CURVE_GROUPS = 16
+CURVE_GROUPS = 32
 
 
 def curve_groups(n: int, batch_size: int) -> list[tuple[int, int]]:

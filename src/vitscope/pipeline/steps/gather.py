@@ -33,12 +33,17 @@ def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, 
     n = len(images)
     H = vit.num_heads
     per_image = [f"pattern_inputs/{k}" for k in ("offset", "patch", "cls")] + [f"explain/{m}" for m in ctx.settings.explain]
+    per_image.append("readout_attention")  # (models whose readout attends)
     for name in [n for n in per_image if st.has_chunk_array(with_rows[0], n)]:
         if st.has_array(name):
             continue
         first = st.read_chunk_array(with_rows[0], name)
         dims = ["image", "layer", "head", "channel", "y", "x"] if name.startswith("pattern_inputs/") else ["image", "row", "col"]
+        if name == "readout_attention":
+            dims = ["image", "readout_layer", "head", "query", "key"]
         attrs = {"dims": dims, "image_order": "images.parquet rows"}
+        if name == "readout_attention":
+            attrs["what"] = "attention of each readout layer (CaiT class attention, attention pooling); keys per ViT.readout_layout"
         if name.startswith("explain/"):
             attrs["what"] = f"{name.split('/', 1)[1]} explanation of each image's target over the patch grid"
         chunk_shape = (min(n, ctx.settings.batch_size), *([1] if len(first.shape) > 3 else []), *first.shape[2 if len(first.shape) > 3 else 1:])
@@ -58,6 +63,9 @@ def gather(ctx: RunContext) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, 
             chunks=(1, H, *total.shape[2:]),
             attrs={"dims": ["layer", "head", "query", "key"], "images": n, "what": "mean post-softmax attention over the analysed images"},
         )
+    readout = [st.read_chunk_table(i, "readout_image_heads") for i in with_rows if (st.chunk_dir(i) / "readout_image_heads.parquet").is_file()]
+    if readout:
+        st.write_table("readout_image_heads", pd.concat(readout, ignore_index=True))
     if ctx.settings.explain_faithfulness:  # (an older run's table goes with --overwrite: the store's clear)
         explain_faithfulness(ctx, images)
     st.write_table("image_heads", image_heads)

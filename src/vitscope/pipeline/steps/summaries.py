@@ -35,6 +35,11 @@ def summaries(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame) 
             "Analyse the labelled and the unlabelled images as two runs to keep them apart.",
             VitscopeDataWarning, stacklevel=2,
         )
+    if ctx.store.has_table("readout_image_heads") and not ctx.store.has_table("readout_heads"):
+        # The readout layers' heads, summarised like the model's (layer = readout layer).
+        rih = ctx.store.read_table("readout_image_heads").rename(columns={"readout_layer": "layer"})
+        rh = imp.summarize_importance(rih, images, n_boot=s.n_boot, seed=s.seed).rename(columns={"layer": "readout_layer"})
+        ctx.store.write_table("readout_heads", rh)
     if not ctx.store.has_table("agreement"):
         ctx.store.write_table("agreement", imp.metric_agreement(heads, [m for m in imp.METRICS if m in heads.columns]))
     return heads
