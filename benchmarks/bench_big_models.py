@@ -30,20 +30,13 @@ MODELS = {
 }
 
 
-def _rss_peak() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` (``VmHWM``: peak, ``VmRSS``: now)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_peak() -> None:
@@ -55,11 +48,11 @@ def stage(name: str, fn, out: dict) -> None:
     import gc
 
     gc.collect()
-    base = _rss_now()
+    base = _status_bytes("VmRSS")
     _reset_peak()
     t = time.perf_counter()
     fn()
-    out[name] = {"seconds": round(time.perf_counter() - t, 2), "peak_above_model_gib": round((_rss_peak() - base) / 2**30, 3)}
+    out[name] = {"seconds": round(time.perf_counter() - t, 2), "peak_above_model_gib": round((_status_bytes("VmHWM") - base) / 2**30, 3)}
     print(name, out[name], file=sys.stderr, flush=True)
 
 

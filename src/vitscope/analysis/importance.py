@@ -280,16 +280,24 @@ def head_sweep(
             "layer_rel_l2": per_head(out["rel"]),
         }
     return {
+        **_label_keys(base_logits, base_lp, prediction, target, per_head(out["logp"]), per_head(correct)),
+        "layer_change": per_head(out["change"]),
+        "layer_rel_l2": per_head(out["rel"]),
+    }
+
+
+def _label_keys(base_logits: torch.Tensor, base_lp: torch.Tensor, prediction: torch.Tensor, target: torch.Tensor,
+                logp: np.ndarray, correct: np.ndarray) -> dict[str, np.ndarray]:
+    """The label keys of a head sweep's result (see :func:`head_sweep`), from the pruned log-probabilities."""
+    return {
         "base_logits": base_logits.float().cpu().numpy(),
         "base_prob": base_lp.exp().cpu().numpy(),
         "prediction": prediction.cpu().numpy(),
         "target": target.cpu().numpy(),
         "base_loss": (-base_lp).cpu().numpy(),
-        "pruned_prob": per_head(out["logp"].exp()),
-        "pruned_loss": per_head(-out["logp"]),
-        "pruned_correct": per_head(correct),
-        "layer_change": per_head(out["change"]),
-        "layer_rel_l2": per_head(out["rel"]),
+        "pruned_prob": np.exp(logp),
+        "pruned_loss": -logp,
+        "pruned_correct": correct,
     }
 
 
@@ -322,16 +330,7 @@ def head_sweep_naive(vit: "ViT", x: Any, targets: Targets = None, *, objective: 
             logits = vit.logits(x, masks={(l, h): "all"})
             logp[:, l, h] = logits.double().log_softmax(-1).gather(1, target[:, None]).squeeze(1).cpu().numpy()
             correct[:, l, h] = (logits.argmax(-1) == target).cpu().numpy()
-    return {
-        "base_logits": base_logits.float().cpu().numpy(),
-        "base_prob": base_lp.exp().cpu().numpy(),
-        "prediction": prediction.cpu().numpy(),
-        "target": target.cpu().numpy(),
-        "base_loss": (-base_lp).cpu().numpy(),
-        "pruned_prob": np.exp(logp),
-        "pruned_loss": -logp,
-        "pruned_correct": correct,
-    }
+    return _label_keys(base_logits, base_lp, prediction, target, logp, correct)
 
 
 # --------------------------------------------------------------------------- 2. Taylor
