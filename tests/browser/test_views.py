@@ -5,6 +5,8 @@ on the views change the shared selection, and every view that depends on it foll
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -309,3 +311,33 @@ def test_a_backbone_run_by_its_embedding_shows_embedding_changes(page, open_app,
     np.testing.assert_allclose(got["embedding_change"].astype(float), want, rtol=1e-5, atol=1e-9)
     assert "No prediction" in page.locator('[data-role="no-classifier"]').inner_text()
     shot(page, "view-image-overview-embedding-objective", '[data-view="image-overview"]')
+
+
+def test_a_model_whose_readout_attends_shows_its_readout_heads(page, open_app, make_server, tmp_path):
+    """A CaiT run: the importance view adds its readout layers (class attention) as a readout layer x
+    head grid, with the values of the run's ``readout_heads`` table."""
+    import timm
+    import torch
+
+    from vitscope.pipeline import AnalyzeSettings
+
+    torch.manual_seed(3)
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=2, depth_token_only=2, num_classes=10)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                p.fill_(1.0)  # (so the readout heads matter)
+    settings = AnalyzeSettings(batch_size=6, n_boot=20, ae_epochs=1, ae_min_steps=4, n_clusters=2, curve_images=3,
+                               curve_points=3, projection="pca")  # fmt: skip
+    run = vitscope.analyze(model.eval(), "sample", tmp_path / "run", limit=8, settings=settings, progress=False)
+    srv = make_server(run.path, None, live_reason="no model in this test")
+    open_app(page, srv)
+    grid = page.locator('[data-role="readout-heads"] canvas')
+    grid.wait_for()
+    assert grid.get_attribute("data-metric") == "prob_drop"
+    rh = run.table("readout_heads").sort_values(["readout_layer", "head"])
+    np.testing.assert_allclose(json.loads(grid.get_attribute("data-values")), rh["prob_drop"].to_numpy(), rtol=1e-6, atol=1e-12)
+    assert "readout layers" in page.locator('[data-role="readout-heads"]').inner_text()
+    box, panel = grid.bounding_box(), page.locator('[data-view="head-importance"]').bounding_box()
+    assert box["height"] > 10 and box["y"] + box["height"] <= panel["y"] + panel["height"], (box, panel)  # drawn, and not cut off
+    shot(page, "view-head-importance-readout-layers", '[data-view="head-importance"]')

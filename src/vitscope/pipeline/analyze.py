@@ -19,7 +19,7 @@ from vitscope.pipeline.distributed import Job, current_job, device_for
 from vitscope.pipeline.manifest import check_labels, run_manifest
 from vitscope.store.errors import NotARunError, RunMismatchError
 from vitscope.store.layout import STATUS_COMPLETE
-from vitscope.store.lock import RunLock, check_job_holds
+from vitscope.store.lock import LOCK_NAME, RunLock, check_job_holds
 from vitscope.store.manifest import describe_mismatch, resumed_manifest
 from vitscope.store.reader import Run, open_run
 from vitscope.store.writer import RunStore
@@ -78,7 +78,10 @@ def analyze(
     store = RunStore(out)
     if store.path.exists() and not store.path.is_dir():
         raise NotARunError(f"--out {store.path} is a file; give a folder for the run")
-    if not store.is_empty() and not store.has_manifest():
+    # A folder with vitscope's lock file but no manifest yet is a run another command is starting
+    # (its manifest is being written): the lock below says who holds it, not this check.
+    starting = (store.path / LOCK_NAME).is_file()
+    if not store.is_empty() and not store.has_manifest() and not starting:
         raise NotARunError(
             f"--out {store.path} is not empty and is not a vitscope run folder; choose a new or empty folder "
             "(vitscope will not write into, or delete, other files)"
@@ -168,6 +171,9 @@ def _analyze_locked(
                 manifest = resumed_manifest(old, manifest, command)
         store.path.mkdir(parents=True, exist_ok=True)
         store.remove_leftovers()
+        if not store.has_manifest() and not store.is_empty():  # (checked again under the lock: a start that died early)
+            raise NotARunError(f"--out {store.path} is not empty and is not a vitscope run folder; choose a new or empty folder "
+                               "(vitscope will not write into, or delete, other files)")
         store.write_manifest(manifest)
         return manifest
 
