@@ -325,6 +325,7 @@ def _hf_model(family: str):
         "data2vec": lambda: tr.Data2VecVisionModel(tr.Data2VecVisionConfig(**c, use_relative_position_bias=True)),
         "data2vec-shared-classifier": lambda: tr.Data2VecVisionForImageClassification(tr.Data2VecVisionConfig(**c, use_shared_relative_position_bias=True, num_labels=4)),
         "dinov2-registers": lambda: tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(**c, num_register_tokens=3)),
+        "dinov3": lambda: tr.DINOv3ViTModel(tr.DINOv3ViTConfig(**c, num_register_tokens=2)),  # rotary on the patches
         "vit": lambda: tr.ViTModel(tr.ViTConfig(**c)),
     }
     torch.manual_seed(0)
@@ -345,6 +346,7 @@ HF_LAYOUTS = {
     "data2vec": (1, 0, ()),
     "data2vec-shared-classifier": (1, 0, ()),
     "dinov2-registers": (4, 0, (1, 2, 3)),
+    "dinov3": (3, 0, (1, 2)),
     "vit": (1, 0, ()),
 }
 
@@ -358,6 +360,7 @@ HF_POOLED = {
     "data2vec": lambda out: out.last_hidden_state[:, 1:].mean(1),  # mean pooling, no pooler module
     "vit-mae": lambda out: out.last_hidden_state[:, 0],
     "dinov2-registers": lambda out: out.last_hidden_state[:, 0],
+    "dinov3": lambda out: out.pooler_output,  # CLS after the final norm
     "vit": lambda out: out.last_hidden_state[:, 0],  # CLS after layernorm (not the tanh pooler)
 }
 

@@ -119,6 +119,7 @@ def _hf_backbone(family: str):
         "hf-siglip-vision": lambda: tr.SiglipVisionModel(tr.SiglipVisionConfig(**c)),
         "hf-vit-mae": lambda: tr.ViTMAEModel(tr.ViTMAEConfig(**c, mask_ratio=0.0)),
         "hf-dinov2-registers": lambda: tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(**c, num_register_tokens=2)),
+        "hf-dinov3": lambda: tr.DINOv3ViTModel(tr.DINOv3ViTConfig(**c, num_register_tokens=2)),
     }[family]()
     return _randomise(model)
 
@@ -126,7 +127,7 @@ def _hf_backbone(family: str):
 BACKBONES = {
     "timm-dinov3": lambda: _timm("vit_small_patch16_dinov3", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=0),
     "timm-eva02": lambda: _timm("eva02_tiny_patch14_224", img_size=28, patch_size=7, depth=2, num_classes=0),
-    **{name: (lambda name=name: _hf_backbone(name)) for name in ("hf-clip-vision", "hf-siglip-vision", "hf-vit-mae", "hf-dinov2-registers")},
+    **{name: (lambda name=name: _hf_backbone(name)) for name in ("hf-clip-vision", "hf-siglip-vision", "hf-vit-mae", "hf-dinov2-registers", "hf-dinov3")},
 }
 
 

@@ -51,6 +51,7 @@ _BASES = (
     "ViTMAEModel",
     "BeitModel",
     "Data2VecVisionModel",
+    "DINOv3ViTModel",
 )
 # whole image-text models -> the vision tower class load_hf takes from them
 _VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
@@ -123,7 +124,7 @@ def _data2vec_attention_forward(runtime: AttentionRuntime, layer: int, original)
 
 
 def _find_layers(base: nn.Module) -> list[nn.Module]:
-    for path in ("layers", "encoder.layer", "encoder.layers"):
+    for path in ("layers", "encoder.layer", "encoder.layers", "model.layer"):
         obj: Any = base
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -254,9 +255,26 @@ class HFBackend:
                 else None
             )
             out = self.blocks[i](h, relative_position_bias=shared, resolution=res)
+        elif t == "dinov3_vit":
+            out = self.blocks[i](h, attention_mask=None, position_embeddings=self._rope(h))
         else:
             out = self.blocks[i](h, attention_mask=None)
         return out[0] if isinstance(out, tuple) else out
+
+    def _rope(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINOv3's rotary ``(cos, sin)`` for the patch grid of the last :meth:`embed` (it depends on
+        the grid only), as its forward computes them."""
+        res, window = self._window()
+        n = int(getattr(self.config, "num_register_tokens", 0) or 0) + 1 + window[0] * window[1]
+        if h.shape[1] != n:
+            raise ValueError(
+                f"{type(self.module).__name__}: its rotary embedding is made for {n} tokens (a {window[0]}x{window[1]} grid), "
+                f"got {h.shape[1]}. Run the blocks on the full sequence (token dropping is not supported for this model)."
+            )
+        key = (res, h.device, h.dtype)
+        if getattr(self, "_rope_key", None) != key:
+            self._rope_key, self._rope_value = key, self.base.rope_embeddings(h.new_empty((1, 3, res[0], res[1])))
+        return self._rope_value
 
     def _final(self, h: torch.Tensor) -> torch.Tensor:
         """Residual stream after the last block -> the model's ``last_hidden_state``."""
@@ -265,6 +283,8 @@ class HFBackend:
             return h
         if t.startswith("siglip"):
             return self.base.post_layernorm(h)
+        if t == "dinov3_vit":
+            return self.base.norm(h)
         return self.base.layernorm(h)
 
     def _pool(self, last: torch.Tensor, pooler_output: Optional[torch.Tensor] = None) -> torch.Tensor:
