@@ -230,3 +230,49 @@ def test_analyze_stores_the_readout_layers(tmp_path):
     row = {int(i): r for r, i in enumerate(run.images["image_id"])}
     want = torch.stack(vit.readout_attention(batch.x), 1).numpy()
     np.testing.assert_allclose(maps[[row[int(i)] for i in batch.image_ids]].astype(np.float32), want, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["cait", "siglip"])
+def test_readout_keep_masks_gradients_and_taylor(family):
+    """A keep mask that zeroes a head's whole map equals pruning the head; the gradient handed to
+    ``on_gradient`` equals autograd's gradient of the logit through the captured map; a gate that
+    requires grad gives the readout head's Taylor importance, equal to finite differences."""
+    from vitscope.capture.readout_layers import ReadoutPlan, readout_plans
+
+    module, vit = _load(family)
+    x = torch.randn(2, 3, 32, 32)
+    layers = vit.readout_layers
+    H = vit.num_heads
+    last = vit.run_blocks(vit.embed(x))
+    keep = torch.ones(1, H, 1, 1)
+    keep[0, 1] = 0
+    gate = torch.ones(H)
+    gate[1] = 0
+    with readout_plans(layers, {0: ReadoutPlan(keep=keep)}):
+        by_keep = vit.readout(last)
+    with readout_plans(layers, {0: ReadoutPlan(head_gate=gate)}):
+        by_gate = vit.readout(last)
+    torch.testing.assert_close(by_keep, by_gate, atol=1e-6, rtol=1e-6)
+    # gradients: what on_gradient sees equals autograd's gradient w.r.t. the map itself
+    seen, grads = {}, {}
+    with torch.enable_grad(), readout_plans(layers, {0: ReadoutPlan(on_attention=lambda i, a: (a.retain_grad(), seen.__setitem__(i, a)),
+                                                                    on_gradient=lambda i, a, g: grads.__setitem__(i, g))}):
+        h = last.detach().requires_grad_(True)
+        vit.readout(h)[:, 2].sum().backward()
+    torch.testing.assert_close(grads[0], seen[0].grad, atol=0, rtol=0)
+    assert grads[0].abs().max() > 0
+    # Taylor importance of readout head (0, h): |d logit / d gate| equals a central difference
+    with torch.enable_grad():
+        g = torch.ones(H, dtype=torch.float64, requires_grad=True)
+        with readout_plans(layers, {0: ReadoutPlan(head_gate=g)}):
+            y = vit.readout(last)[:, 2].sum()
+        (dg,) = torch.autograd.grad(y, g)
+    eps = 1e-3
+    for head in range(H):
+        up, down = torch.ones(H), torch.ones(H)
+        up[head], down[head] = 1 + eps, 1 - eps
+        with readout_plans(layers, {0: ReadoutPlan(head_gate=up)}):
+            a = vit.readout(last)[:, 2].sum()
+        with readout_plans(layers, {0: ReadoutPlan(head_gate=down)}):
+            b = vit.readout(last)[:, 2].sum()
+        assert abs(float(dg[head]) - float(a - b) / (2 * eps)) <= 1e-3 * max(1.0, abs(float(dg[head])))

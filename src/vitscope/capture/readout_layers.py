@@ -9,8 +9,9 @@ layers, each with its own key layout.
 
 :func:`readout_plans` installs, only for the duration of a ``with`` block, an explicit forward on
 each readout module that computes exactly timm's unfused path (``softmax(q k^T * scale) v``),
-reports the map to ``on_attention(i, attn)`` and multiplies each head's context by a gate before
-the output projection (a gate of 0 prunes that head). Outside the block the modules run their own
+multiplies the map by a keep mask, reports it (and, in the backward pass, its gradient) and
+multiplies each head's context by a gate before the output projection (a gate of 0 prunes that
+head; a gate that requires grad gives the head's Taylor importance). Outside the block the modules run their own
 (fused) forward, untouched.
 """
 
@@ -27,11 +28,29 @@ from torch import nn
 
 @dataclass
 class ReadoutPlan:
-    """What to do in one readout layer during a forward: ``head_gate`` broadcastable to ``(B, H)``
-    multiplies each head's context (0 prunes it); ``on_attention(i, attn (B, H, Q, K))`` sees the map."""
+    """What to do in one readout layer during a forward, as :class:`~vitscope.capture.runtime.LayerPlan`
+    does for the model's layers: ``keep`` (broadcastable to ``(B, H, Q, K)``) multiplies the
+    post-softmax map (0 prunes a cell, no renormalisation); ``head_gate`` (broadcastable to ``(B, H)``)
+    multiplies each head's context (0 prunes the head; one that requires grad gives its Taylor
+    importance); ``on_attention(i, attn)`` sees the effective map ``(B, H, Q, K)``;
+    ``on_gradient(i, attn, grad)`` sees it and its gradient in the backward pass."""
 
+    keep: Optional[torch.Tensor] = None
     head_gate: Optional[torch.Tensor] = None
     on_attention: Optional[Callable[[int, torch.Tensor], None]] = None
+    on_gradient: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None
+
+
+def _effective(attn: torch.Tensor, index: int, plan: ReadoutPlan) -> torch.Tensor:
+    """The plan applied to one readout layer's post-softmax map: keep mask, report, gradient hook."""
+    if plan.keep is not None:
+        attn = attn * plan.keep.to(attn)
+    if plan.on_attention is not None:
+        plan.on_attention(index, attn)
+    if plan.on_gradient is not None and attn.requires_grad:
+        seen = attn.detach()
+        attn.register_hook(lambda g: plan.on_gradient(index, seen, g))  # type: ignore[misc]
+    return attn
 
 
 def readout_kind(module: nn.Module) -> Optional[str]:
@@ -61,9 +80,7 @@ def _class_attention(m: nn.Module, index: int, plan: ReadoutPlan) -> Callable[[t
         q = m.q(x[:, 0]).unsqueeze(1).reshape(B, 1, m.num_heads, C // m.num_heads).permute(0, 2, 1, 3)
         k = m.k(x).reshape(B, N, m.num_heads, C // m.num_heads).permute(0, 2, 1, 3)
         v = m.v(x).reshape(B, N, m.num_heads, C // m.num_heads).permute(0, 2, 1, 3)
-        attn = ((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        if plan.on_attention is not None:
-            plan.on_attention(index, attn)
+        attn = _effective(((q * m.scale) @ k.transpose(-2, -1)).softmax(dim=-1), index, plan)
         ctx = attn @ v  # (B, H, 1, d)
         if plan.head_gate is not None:
             ctx = ctx * plan.head_gate.to(ctx).reshape(-1, m.num_heads, 1, 1)
@@ -83,9 +100,7 @@ def _attention_pool(m: nn.Module, index: int, plan: ReadoutPlan) -> Callable[...
         scores = (q * m.scale) @ k.transpose(-2, -1)
         if attn_mask is not None:
             scores = scores + attn_mask if attn_mask.dtype != torch.bool else scores.masked_fill(~attn_mask, float("-inf"))
-        attn = scores.softmax(dim=-1)
-        if plan.on_attention is not None:
-            plan.on_attention(index, attn)
+        attn = _effective(scores.softmax(dim=-1), index, plan)
         ctx = attn @ v  # (B, H, Q, d)
         if plan.head_gate is not None:
             ctx = ctx * plan.head_gate.to(ctx).reshape(-1, m.num_heads, 1, 1)
@@ -113,9 +128,7 @@ def _siglip_pool(m: nn.Module, index: int, plan: ReadoutPlan) -> Callable[[torch
         q = F.linear(probe, w[:E], None if b is None else b[:E]).reshape(B, Q, H, d).transpose(1, 2)
         k = F.linear(x, w[E : 2 * E], None if b is None else b[E : 2 * E]).reshape(B, N, H, d).transpose(1, 2)
         v = F.linear(x, w[2 * E :], None if b is None else b[2 * E :]).reshape(B, N, H, d).transpose(1, 2)
-        attn = ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        if plan.on_attention is not None:
-            plan.on_attention(index, attn)
+        attn = _effective(((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1), index, plan)
         ctx = attn @ v
         if plan.head_gate is not None:
             ctx = ctx * plan.head_gate.to(ctx).reshape(-1, H, 1, 1)
