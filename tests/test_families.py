@@ -449,7 +449,13 @@ def test_hf_backbones_embedding_and_refusals(tmp_path):
     # encoder with masking off
     text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     tr.CLIPModel(tr.CLIPConfig(vision_config=HF_COMMON, text_config=text)).save_pretrained(tmp_path / "clip")
-    assert type(vitscope.load_model(f"hf:{tmp_path / 'clip'}", device="cpu").module).__name__ == "CLIPVisionModel"
+    whole = vitscope.load_model(f"hf:{tmp_path / 'clip'}", device="cpu")
+    assert type(whole.module).__name__ == "CLIPVisionModelWithProjection"  # the embedding is CLIP's image_embeds
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        image_embeds = tr.CLIPModel.from_pretrained(tmp_path / "clip").eval().get_image_features(pixel_values=x).pooler_output
+    torch.testing.assert_close(whole.embeddings(x), image_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole.backend.forward(x), image_embeds, atol=1e-5, rtol=1e-5)
     tr.ViTMAEForPreTraining(tr.ViTMAEConfig(**HF_COMMON)).save_pretrained(tmp_path / "mae")
     mae = vitscope.load_model(f"hf:{tmp_path / 'mae'}", device="cpu")
     assert type(mae.module).__name__ == "ViTMAEModel" and mae.module.config.mask_ratio == 0.0 and mae.num_tokens == 17

@@ -81,10 +81,13 @@ def test_zero_shot_readout_equals_clip_logits_per_image(clip_folder):
     tok = tr.AutoTokenizer.from_pretrained(clip_folder)
     vit = vitscope.load_model(f"hf:{clip_folder}", device="cpu")
     assert not vit.num_classes
-    readout = zero_shot_readout(f"hf:{clip_folder}", CLASSES)
+    x = torch.randn(5, 3, 32, 32)
+    # a whole CLIP loads with its projection: the embedding is CLIP's image_embeds
+    with torch.no_grad():
+        torch.testing.assert_close(vit.embeddings(x), whole.get_image_features(pixel_values=x).pooler_output, atol=1e-5, rtol=1e-5)
+    readout = zero_shot_readout(f"hf:{clip_folder}", CLASSES, project=False)
     zs = vit.with_readout(readout)
     assert zs.num_classes == 3 and zs.class_names == CLASSES and vit.readout_head is None  # (a view; the model is unchanged)
-    x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         want = whole(**tok([f"a photo of a {c}." for c in CLASSES], padding=True, return_tensors="pt"), pixel_values=x).logits_per_image
     torch.testing.assert_close(zs.logits(x), want, atol=1e-5, rtol=1e-5)
@@ -217,7 +220,7 @@ def test_analyze_zero_shot_measures_heads_through_the_text_tower(clip_folder, fo
     vit = vitscope.load_model(f"hf:{clip_folder}", device="cpu")
     run = vitscope.analyze(vit, folder, tmp_path / "run", settings=dataclasses.replace(SETTINGS, objective="zero-shot"), progress=False)
     assert run.manifest["status"] == "complete"
-    zs = vit.with_readout(zero_shot_readout(f"hf:{clip_folder}", CLASSES))
+    zs = vit.with_readout(zero_shot_readout(f"hf:{clip_folder}", CLASSES, project=False))
     batch = next(iter_batches(load_images(folder), vit.preprocessing, batch_size=12))
     labels = torch.as_tensor(batch.labels)
     base = zs.logits(batch.x).softmax(-1)

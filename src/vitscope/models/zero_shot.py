@@ -29,6 +29,7 @@ def zero_shot_readout(
     *,
     tokenizer: Optional[Callable[[list[str]], Any]] = None,
     batch_size: int = 256,
+    project: bool = True,
 ) -> ZeroShotReadout:
     """The zero-shot readout of a whole Hugging Face ``CLIPModel`` or ``SiglipModel``.
 
@@ -41,6 +42,10 @@ def zero_shot_readout(
         tokenizer: texts -> a dict of ``input_ids`` (and ``attention_mask``) tensors; default the
             model folder's own tokenizer (``AutoTokenizer``, SigLIP padded to ``max_length`` as it
             was trained).
+        project: apply CLIP's visual projection to the embedding the readout is given. ``False``
+            when that embedding is already in the joint space: a whole CLIP loaded by vitscope
+            (``hf:<CLIP>`` loads ``CLIPVisionModelWithProjection``, whose embedding is
+            ``image_embeds``); ``True`` for a bare ``CLIPVisionModel`` tower.
     """
     if not class_names:
         raise ValueError("zero-shot classification needs class names; give images in class sub-folders or a labels CSV with names")
@@ -69,7 +74,7 @@ def zero_shot_readout(
     text = torch.cat(feats).reshape(len(class_names), len(prompts), -1).mean(1)  # (normalised again by the readout)
     scale = float(model.logit_scale.detach().exp())
     bias = float(model.logit_bias.detach()) if siglip else 0.0
-    proj = None if siglip else model.visual_projection.weight.detach().float().cpu()
+    proj = None if siglip or not project else model.visual_projection.weight.detach().float().cpu()
     return ZeroShotReadout(text.cpu(), class_names, scale=scale, bias=bias, projection=proj, prompts=prompts)
 
 

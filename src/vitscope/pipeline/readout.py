@@ -62,7 +62,9 @@ def run_readout(vit: "ViT", image_set: "ImageSet", settings: "AnalyzeSettings", 
                 f"got {vit.spec!r}. For a model object, attach the readout yourself and analyse under the label objective: "
                 "vit.with_readout(vitscope.models.zero_shot.zero_shot_readout(whole_model, class_names, tokenizer=...))"
             )
-        readout = zero_shot_readout(vit.spec, class_prompt_names(names), [settings.zero_shot_prompt])
+        # (a whole CLIP loads with its projection: its embedding is already in the joint space)
+        readout = zero_shot_readout(vit.spec, class_prompt_names(names), [settings.zero_shot_prompt],
+                                    project=getattr(vit.module, "visual_projection", None) is None)
         readout.class_names = names
         return RunReadout([vit.with_readout(readout)])
     if objective != "probe":

@@ -11,6 +11,8 @@ one by one instead, mirroring transformers' code.
 
 from __future__ import annotations
 
+import copy
+
 import math
 import types
 from pathlib import Path
@@ -47,6 +49,7 @@ _BASES = (
     "Dinov2Model",
     "Dinov2WithRegistersModel",
     "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
     "SiglipVisionModel",
     "ViTMAEModel",
     "BeitModel",
@@ -54,7 +57,8 @@ _BASES = (
     "DINOv3ViTModel",
 )
 # whole image-text models -> the vision tower class load_hf takes from them
-_VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
+# (CLIP's with its visual projection: the embedding is the one CLIP users use, ``image_embeds``)
+_VISION_TOWERS = {"clip": "CLIPVisionModelWithProjection", "siglip": "SiglipVisionModel"}
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -292,7 +296,9 @@ class HFBackend:
         t = self.model_type
         b = self.base
         if t.startswith("clip"):
-            return pooler_output if pooler_output is not None else b.post_layernorm(last[:, 0])
+            pooled = pooler_output if pooler_output is not None else b.post_layernorm(last[:, 0])
+            proj = getattr(self.module, "visual_projection", None)  # (CLIPVisionModelWithProjection: into the joint space)
+            return proj(pooled) if proj is not None else pooled
         if t.startswith("siglip"):
             if getattr(b, "use_head", False):
                 return pooler_output if pooler_output is not None else b.head(last)
@@ -326,7 +332,8 @@ class HFBackend:
 
     def embedding(self, h: torch.Tensor) -> torch.Tensor:
         """The pooled image embedding ``(B, D)``: CLS after the final norm (ViT, DeiT, DINOv2, MAE),
-        the pooler output (CLIP, SigLIP with its attention-pooling head, BEiT / Data2Vec), or the mean
+        the pooler output (CLIP, projected into the joint space for a whole CLIP; SigLIP with its
+        attention-pooling head; BEiT / Data2Vec), or the mean
         over tokens (SigLIP without a head)."""
         return self._pool(self._final(h))
 
@@ -415,6 +422,8 @@ class HFBackend:
         out = self.module(pixel_values=x, **kw)
         if self.readout_kind is not None:
             return out.logits
+        if getattr(out, "image_embeds", None) is not None:
+            return out.image_embeds  # (CLIP with its projection)
         return self._pool(out.last_hidden_state, getattr(out, "pooler_output", None))
 
 
@@ -525,6 +534,10 @@ def load_hf(source: str, weights: Union[str, Path, None] = None, device: Union[s
     if not head and config.model_type in _VISION_TOWERS:
         # a whole CLIP / SigLIP (image and text): its vision tower is the ViT
         auto = getattr(transformers, _VISION_TOWERS[config.model_type])
+        if config.model_type == "clip":  # the projection's size lives in the whole model's config
+            vision = copy.deepcopy(config.vision_config)
+            vision.projection_dim = config.projection_dim
+            extra["config"] = vision
     if config.model_type == "vit_mae":
         extra["mask_ratio"] = 0.0  # the encoder sees every patch, in order (pre-training masks 75 %)
     try:
