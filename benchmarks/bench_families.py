@@ -52,12 +52,17 @@ FAMILIES: dict[str, tuple[str, Callable[[], torch.nn.Module], int]] = {
     "clip": ("HF CLIPVisionModel, ViT-B/16 (T=197)", _hf(lambda tr: tr.CLIPVisionModel(tr.CLIPVisionConfig(patch_size=16))), 224),
     "siglip": ("HF SiglipVisionModel, base patch16 224 (attention-pool head; T=196)", _hf(lambda tr: tr.SiglipVisionModel(tr.SiglipVisionConfig())), 224),
     "vit-mae": ("HF ViTMAEModel base, mask_ratio 0 (T=197)", _hf(lambda tr: tr.ViTMAEModel(tr.ViTMAEConfig(mask_ratio=0.0))), 224),
+    "hf-dinov3": ("HF DINOv3ViTModel ViT-S/16 (rotary, 4 registers; T=201)", _hf(lambda tr: tr.DINOv3ViTModel(tr.DINOv3ViTConfig(num_register_tokens=4))), 224),
 }
+
+
+#: The transformers families (run with ``pixel_values=``, checked against eager attention).
+HF_FAMILIES = ("clip", "siglip", "vit-mae", "hf-dinov3")
 
 
 def _peer(model: torch.nn.Module, family: str) -> Callable[[torch.Tensor], Any]:
     """The family's own explicit-attention forward on an untouched copy of the weights."""
-    if family in ("clip", "siglip", "vit-mae"):
+    if family in HF_FAMILIES:
         twin = copy.deepcopy(model)
         twin.config._attn_implementation = "eager"
         for m in twin.modules():
@@ -86,7 +91,7 @@ def bench(family: str, batch: int, reps: int) -> dict[str, Any]:
     peer = _peer(model, family)  # copied before vitscope patches the attention modules
     vit = vitscope.load_model(model, device="cpu")
     x = torch.randn(batch, 3, size, size)
-    if family in ("clip", "siglip", "vit-mae"):
+    if family in HF_FAMILIES:
         with torch.no_grad():
             want = torch.stack(peer(x[:2]).attentions, 1)
             have = vit.attention(x[:2])
@@ -94,7 +99,7 @@ def bench(family: str, batch: int, reps: int) -> dict[str, Any]:
         assert err < 5e-5, f"{family}: captured maps differ from eager attention by {err:.2e}"
     methods = {
         "plain": lambda: vit.module(pixel_values=x, **({"noise": _identity_noise(x, model)} if family == "vit-mae" else {}))
-        if family in ("clip", "siglip", "vit-mae") else vit.module(x),
+        if family in HF_FAMILIES else vit.module(x),
         "capture": lambda: vit.attention(x),
         "stream": lambda: vit.stream(x, lambda _l, _a: None),
         "peer": lambda: peer(x),
