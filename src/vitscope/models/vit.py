@@ -286,7 +286,7 @@ class ViT:
             self._readout_layer(0)  # raises, saying why
         maps: dict[int, torch.Tensor] = {}
         with readout_plans(layers, {i: ReadoutPlan(on_attention=maps.__setitem__) for i in range(len(layers))}):
-            self.backend.forward(self._input(x)) if self.readout_head is None else self.logits(self._input(x))
+            self.readout(self.run_blocks(self.embed(x)))
         return [maps[i] for i in range(len(layers))]
 
     def readout_row(self) -> Optional[torch.Tensor]:

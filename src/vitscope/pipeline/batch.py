@@ -193,15 +193,16 @@ def merge_batch_results(parts: Sequence[tuple[np.ndarray, BatchResult]]) -> Batc
     if len(parts) == 1:
         return parts[0][1]
     order = np.argsort(np.concatenate([p for p, _ in parts]), kind="stable")
-    per = len(parts[0][1].image_heads) // len(parts[0][0])  # image_heads rows per image (L * H)
-    images = pd.concat([r.images for _, r in parts], ignore_index=True).iloc[order].reset_index(drop=True)
-    ih = pd.concat([r.image_heads for _, r in parts], ignore_index=True)
-    ih = ih.iloc[(order[:, None] * per + np.arange(per)).reshape(-1)].reset_index(drop=True)
-    tables = {}
-    for name in parts[0][1].tables:
-        t = pd.concat([r.tables[name] for _, r in parts], ignore_index=True)
-        n = len(parts[0][1].tables[name]) // len(parts[0][0])
-        tables[name] = t.iloc[(order[:, None] * n + np.arange(n)).reshape(-1)].reset_index(drop=True)
+    n_images = len(order)
+
+    def in_row_order(frames: list[pd.DataFrame]) -> pd.DataFrame:  # the same number of rows per image in each frame
+        t = pd.concat(frames, ignore_index=True)
+        per = len(t) // n_images
+        return t.iloc[(order[:, None] * per + np.arange(per)).reshape(-1)].reset_index(drop=True)
+
+    images = in_row_order([r.images for _, r in parts])
+    ih = in_row_order([r.image_heads for _, r in parts])
+    tables = {name: in_row_order([r.tables[name] for _, r in parts]) for name in parts[0][1].tables}
     arrays = {}
     for name in parts[0][1].arrays:
         values = [r.arrays[name] for _, r in parts]

@@ -173,3 +173,27 @@ export function axis(node: SVGGElement, make: () => d3.Axis<any>) {
   draw();
   return { update(next: () => d3.Axis<any>) { make = next; draw(); } };
 }
+
+/** A rows x cols grid of values on a canvas, viridis over `domain`, with cells of `cell` px, row and
+ *  column numbers (`rowLabel` names a row) and, when given, the selected cell outlined. The grid
+ *  starts at (20, 12): pick a cell from a click with the same offsets. */
+export function drawCellGrid(
+  c: HTMLCanvasElement, values: ArrayLike<number>, rows: number, cols: number, cell: number, domain: [number, number],
+  { rowLabel = String, selected }: { rowLabel?: (r: number) => string; selected?: [number, number] } = {},
+): void {
+  const ctx = setupCanvas(c, cell * cols + 24, cell * rows + 14);
+  const scale = d3.scaleLinear().domain(domain).range([0, 1]).clamp(true);
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(matrixImage(values, rows, cols, (v) => sequential(scale(v))), 20, 12, cell * cols, cell * rows);
+  ctx.fillStyle = "#656d76";
+  ctx.font = "9px system-ui";
+  ctx.textAlign = "right";
+  for (let r = 0; r < rows; r += rows > 12 ? 2 : 1) ctx.fillText(rowLabel(r), 17, 12 + (r + 0.75) * cell);
+  ctx.textAlign = "center";
+  for (let h = 0; h < cols; h += cols > 12 ? 2 : 1) ctx.fillText(String(h), 20 + (h + 0.5) * cell, 9);
+  if (selected) {
+    ctx.strokeStyle = "#000";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(20 + selected[1] * cell, 12 + selected[0] * cell, cell, cell);
+  }
+}

@@ -72,11 +72,11 @@ def finish(ctx: RunContext, prog: Progress) -> None:
                 if job.owns(i):
                     catalogue_arrays(ctx, kind, inp)
         with step("curves", "pruning curves"):
-            return [] if plan is None else curve_parts(ctx, plan[0], plan[1])
+            return [] if plan is None else curve_parts(ctx, plan)
 
     parts = [p for rank_parts in job.everyone(shared_steps) for p in rank_parts]
     if plan is not None and job.is_main:
-        st.write_table("curves", curves_table(plan[0], parts, plan[2], plan[3]))
+        st.write_table("curves", curves_table(plan, parts))
     job.from_main(lambda: _finish_main(ctx, prog, task, step, images_base, image_heads, failures, heads))
 
 

@@ -8,6 +8,7 @@ rank 0 adds the groups' sums in group order, which gives the one-process table b
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -19,8 +20,18 @@ from vitscope.pipeline.context import RunContext
 CURVE_METRICS: tuple[str, ...] = (*imp.METRICS, "random")
 
 
-def curve_plan(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame, heads: pd.DataFrame) -> tuple[imp.CurvePlan, pd.DataFrame, int, int]:
-    """What the curves measure: ``(plan, evaluation images, number of ranking images, of images)``.
+class CurveWork(NamedTuple):
+    """What the curves measure: the pruned sets, the evaluation images (``image_id, target``), and how
+    many images ranked the held-out heads and were analysed in all."""
+
+    plan: imp.CurvePlan
+    subset: pd.DataFrame
+    n_rank_images: int
+    n_images: int
+
+
+def curve_plan(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame, heads: pd.DataFrame) -> CurveWork:
+    """The :class:`CurveWork` of a run.
 
     Held-out curves rank the heads on the ``rank`` images and measure them on the ``evaluate`` ones;
     in-sample curves, for comparison, rank them on every image, these included.
@@ -37,7 +48,7 @@ def curve_plan(ctx: RunContext, images: pd.DataFrame, image_heads: pd.DataFrame,
     # The metrics this run measured (each objective has its own), and the random baseline.
     metrics = [m for m in CURVE_METRICS if m == "random" or m in heads.columns]
     plan = imp.ranking_curve_plan(ctx.vit, rankings, metrics, steps=steps, seed=ctx.settings.seed, objective=ctx.settings.measure)
-    return plan, subset, len(rank_ids), len(images)
+    return CurveWork(plan, subset, len(rank_ids), len(images))
 
 
 #: The curve images are cut into at least this many groups (when there are that many images), so
@@ -58,8 +69,9 @@ def turns_path(ctx: RunContext) -> Path:
     return ctx.store.work_path("curves_next_group")
 
 
-def curve_parts(ctx: RunContext, plan: imp.CurvePlan, subset: pd.DataFrame) -> list[tuple[tuple[int, int], tuple[int, np.ndarray]]]:
+def curve_parts(ctx: RunContext, work: CurveWork) -> list[tuple[tuple[int, int], tuple[int, np.ndarray]]]:
     """This rank's share of the curves: ``((group, fold), batch sums)`` of each group it takes."""
+    plan, subset = work.plan, work.subset
     groups = curve_groups(len(subset), ctx.settings.batch_size)
     parts = []
     for j in ctx.job.take_turns(turns_path(ctx), len(groups)):
@@ -70,10 +82,10 @@ def curve_parts(ctx: RunContext, plan: imp.CurvePlan, subset: pd.DataFrame) -> l
     return parts
 
 
-def curves_table(plan: imp.CurvePlan, parts: list, n_rank_images: int, n_images: int) -> pd.DataFrame:
+def curves_table(work: CurveWork, parts: list) -> pd.DataFrame:
     """The curves table from every rank's :func:`curve_parts`, summed in group order whichever rank
     evaluated each group: the same table for any job size."""
     ordered = sorted(parts, key=lambda p: p[0])
-    df = imp.ranking_curves_table(plan, [p for _, p in ordered])
-    df["n_rank_images"] = np.where(df["ranking"] == "held_out", n_rank_images, n_images)
+    df = imp.ranking_curves_table(work.plan, [p for _, p in ordered])
+    df["n_rank_images"] = np.where(df["ranking"] == "held_out", work.n_rank_images, work.n_images)
     return df
