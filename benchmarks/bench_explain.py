@@ -32,7 +32,10 @@ Intervals are 95 % percentile bootstraps over images (1000 resamples, paired acr
 Each method's time is the median time of ``explain`` on one batch divided by the median time of a
 plain forward of the same batch (forward-equivalents). Images are a seeded random order of the
 1000-photo sample (one per class), so any ``--images N`` (or a run stopped by ``--max-minutes``)
-is a random subset. Results are rewritten to ``--out`` after every batch.
+is a random subset. Results are rewritten to ``--out`` after every batch, and every image's curves
+to ``--state`` (default: ``--out`` with ``.npz``): rerunning the same command resumes after the last
+finished batch (the timing is kept from the first run), so the 1000-image run (about 2 hours on 2
+cores) may be stopped and continued at will.
 """
 
 from __future__ import annotations
@@ -140,6 +143,38 @@ def table(res: dict, methods) -> str:
     return "\n".join(out)
 
 
+def save_state(state: Path, per_image, top1, methods, done_rows: list[dict], timing, meta) -> None:
+    """Every finished image's curves, written beside the results (atomically: a stopped run never
+    leaves a half-written state)."""
+    arrays = {f"{m}/{k}": np.concatenate(v) for m in methods for k, v in per_image[m].items() if v}
+    arrays["top1"] = np.concatenate(top1)
+    info = {"methods": methods, "paths": [r["path"] for r in done_rows], "timing": timing, "meta": meta}
+    tmp = state.with_name(state.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, info=np.array(json.dumps(info)), **arrays)
+    os.replace(tmp, state)
+
+
+def load_state(state: Path, per_image, top1, methods, rows: list[dict], batch: int):
+    """Reload :func:`save_state`'s curves into ``per_image`` and ``top1``; returns (images done,
+    timing, meta). Refuses a state of other methods or another image order."""
+    with np.load(state) as z:
+        info = json.loads(str(z["info"]))
+        if info["methods"] != methods:
+            raise SystemExit(f"{state} holds methods {info['methods']}, not {methods}: pass --fresh or another --state")
+        done = len(info["paths"])
+        if [r["path"] for r in rows[:done]] != info["paths"]:
+            raise SystemExit(f"{state} holds other images than this command's first {done}: pass --fresh or another --state")
+        if done % batch and done < len(rows):
+            raise SystemExit(f"{state} holds {done} images, not a multiple of --batch {batch}: resume with its batch size")
+        for m in methods:
+            for k in per_image[m]:
+                if f"{m}/{k}" in z:
+                    per_image[m][k].append(z[f"{m}/{k}"])
+        top1.append(z["top1"])
+    return done, info["timing"], info["meta"]
+
+
 def sanity_check(vit, sample: Path, rows: list[dict], args: argparse.Namespace) -> None:
     """Cascading randomisation on ``rows``' photos: the per-image table, its summary (JSON at
     ``--out``), a printed table and the figure at ``--figure``."""
@@ -198,6 +233,12 @@ def main() -> None:
     ap.add_argument(
         "--max-minutes", type=float, default=None, help="stop before a batch that would end past this wall time (from start)"
     )
+    ap.add_argument(
+        "--state",
+        default=None,
+        help="per-image curves, for resuming (default: --out with the suffix .npz); --fresh ignores it",
+    )
+    ap.add_argument("--fresh", action="store_true", help="start over instead of resuming from --state")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--repeat", type=int, default=3, help="timing rounds (on the first batch)")
     ap.add_argument("--device", default="cpu")
@@ -252,9 +293,15 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "explain_options": "defaults (head_fusion='mean', discard_ratio=0, head=None, seed=0); target = predicted class",
     }
+    state = Path(args.state) if args.state else Path(args.out).with_suffix(".npz")
+    resumed = 0
+    if state.exists() and not args.fresh:
+        resumed, timing, saved_meta = load_state(state, per_image, top1, methods, rows, args.batch)
+        meta.update({k: v for k, v in saved_meta.items() if k not in ("command", "threads")})
+        print(f"resuming from {state}: {resumed} images done", flush=True)
     res: dict = {}
     last = 0.0
-    for start in range(0, len(rows), args.batch):
+    for start in range(resumed, len(rows), args.batch):
         if res and args.max_minutes is not None and time.perf_counter() - started + last > 60 * args.max_minutes:
             print(f"stopping: the next batch would end past --max-minutes {args.max_minutes}", flush=True)
             break
@@ -289,10 +336,16 @@ def main() -> None:
         meta["top1"] = float(np.concatenate(top1).mean())
         meta["wall_s"] = round(elapsed, 1)
         res = summarize(per_image, methods, timing, meta)
-        Path(args.out).write_text(json.dumps(res, indent=1))
         done = start + len(part)
+        save_state(state, per_image, top1, methods, rows[:done], timing, meta)
+        Path(args.out).write_text(json.dumps(res, indent=1))
         print(f"{done}/{len(rows)} images, {elapsed:.0f} s", flush=True)
         last = time.perf_counter() - t_batch
+    if not res:
+        if not any(per_image[methods[0]].values()):
+            raise SystemExit("no batch finished: raise --max-minutes")
+        res = summarize(per_image, methods, timing, meta)
+        Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"\n{res['images']} images, DeiT-Tiny top-1 {100 * res['top1']:.1f} %, plain forward {res['forward_ms_per_image']:.1f} ms/image\n")
     print(table(res, methods))
 

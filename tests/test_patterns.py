@@ -407,3 +407,20 @@ def test_autoencoder_reconstructs_sparse_maps_better_than_their_mean():
     assert ae.reconstruction_error.mean() < 0.5 * baseline
     decoded = ae.decode(ae.codes[:50])
     assert decoded.min() >= 0.0 and decoded.max() <= 1.0
+
+
+def test_umap_kernels_get_numbas_disk_cache():
+    """The kernels umap-learn compiles in every process (about 8 s) are cached on disk once
+    :func:`vitscope.analysis.patterns._umap` has run; a rename in umap-learn shows up here."""
+    import importlib
+
+    from numba.core.caching import NullCache
+
+    from vitscope.analysis import patterns
+
+    patterns._umap()
+    for module_name, names in patterns._UMAP_UNCACHED_KERNELS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            kernel = getattr(module, name)
+            assert not isinstance(kernel._cache, NullCache), f"{module_name}.{name} is not cached"

@@ -494,8 +494,7 @@ def _project_2d(points: np.ndarray, projection: str, seed: int, max_fit_points: 
     fit_idx = np.sort(rng.choice(n, size=max_fit_points, replace=False)) if n > max_fit_points else np.arange(n)
     xf = x[fit_idx]
     if projection == "umap":
-        import umap
-
+        umap = _umap()
         from sklearn.neighbors import NearestNeighbors
 
         # Exact neighbours from scikit-learn instead of UMAP's own approximate search: at these
@@ -522,6 +521,37 @@ def _project_2d(points: np.ndarray, projection: str, seed: int, max_fit_points: 
         knn = KNeighborsRegressor(n_neighbors=min(5, len(xf)), weights="distance").fit(xf, emb_fit)
         emb[rest] = knn.predict(x[rest])
     return emb
+
+
+#: umap-learn's numba kernels that it compiles without numba's on-disk cache: about 8 s of
+#: compiling in every new process (every ``analyze``, every rank of a parallel one), against under
+#: a second to load them once cached. Caching changes no result: it stores the same machine code.
+_UMAP_UNCACHED_KERNELS = {
+    "umap.utils": ("tau_rand_int", "tau_rand"),
+    "umap.layouts": ("tau_rand_int", "clip", "_nb_optimize_layout_euclidean_single_epoch"),
+    "umap.umap_": ("smooth_knn_dist", "compute_membership_strengths"),
+}
+
+
+def _umap() -> Any:
+    """umap-learn, with :data:`_UMAP_UNCACHED_KERNELS` given numba's on-disk cache (idempotent;
+    a kernel a newer umap-learn renamed or already caches is left alone)."""
+    import importlib
+
+    import umap
+
+    for module_name, names in _UMAP_UNCACHED_KERNELS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            kernel = getattr(module, name, None)
+            enable = getattr(kernel, "enable_caching", None)
+            if enable is not None and not getattr(kernel, "_vitscope_cached", False):
+                try:
+                    enable()
+                except Exception:  # an unwritable cache location: numba compiles as before
+                    continue
+                kernel._vitscope_cached = True
+    return umap
 
 
 def _pca_2d(x: np.ndarray) -> np.ndarray:
