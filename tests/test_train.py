@@ -241,6 +241,39 @@ def test_mimetic_init_makes_attention_start_local():
         mimetic_init(torch.nn.Linear(2, 2))
 
 
+def test_mimetic_weights_and_frozen_position_codes(tmp_path):
+    """``mimetic_beta`` weighs the identity part of W_q^T W_k (a larger beta: larger self-similarity,
+    i.e. sharper positional attention at the start), ``pos_scale`` scales the codes, and ``freeze_pos_embed`` trains every weight but the
+    position embeddings, which end where initialisation put them."""
+    from vitscope.models.builtin import create_fmnist_vit_tiny
+
+    def diagonal(beta: float) -> float:
+        torch.manual_seed(0)
+        model = mimetic_init(create_fmnist_vit_tiny(), alpha=0.3, beta=beta)
+        D, H = model.embed_dim, model.blocks[0].attn.num_heads
+        w, dh = model.blocks[0].attn.qkv.weight.detach(), D // H
+        m = w[:dh].T @ w[D : D + dh]
+        assert float(m.diagonal().mean()) > 3 * float((m - torch.diag(m.diagonal())).abs().mean())
+        return float(m.diagonal().mean())
+
+    assert diagonal(3.0) > 2.5 * diagonal(0.7)
+    torch.manual_seed(0)
+    scaled = mimetic_init(create_fmnist_vit_tiny(), pos_scale=4.0)
+    torch.testing.assert_close(scaled.pos_embed[0, 1:], 4.0 * sincos_2d(7, 7, scaled.embed_dim))
+
+    recipe = Recipe(epochs=1, seed=3, init="mimetic", pos_scale=2.0, freeze_pos_embed=True, **FAST)
+    spec = ModelSpec(TINY_ARCH, {**TINY_ARGS, "num_classes": 4})
+    torch.manual_seed(3)
+    start = mimetic_init(spec.build(), pos_scale=2.0)
+    result = train(TINY_ARCH, tiny_splits(), tmp_path, recipe, model_args=TINY_ARGS, progress=False)
+    trained = result.model.state_dict()
+    assert torch.equal(trained["pos_embed"], start.state_dict()["pos_embed"])
+    assert not torch.equal(trained["patch_embed.proj.weight"], start.state_dict()["patch_embed.proj.weight"])
+    for bad, field_name in ((dict(pos_scale=0.0), "pos_scale"), (dict(mimetic_beta=-1.0), "mimetic_beta")):
+        with pytest.raises(TrainError, match=field_name):
+            Recipe(**bad).validate()
+
+
 # --------------------------------------------------------------------------------------------------
 # Reproducibility and resume
 # --------------------------------------------------------------------------------------------------

@@ -57,6 +57,10 @@ def train(
     num_workers: int = typer.Option(0, "--num-workers", help="data loader worker processes"),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="bfloat16 autocast on CUDA"),
     init: str = typer.Option("default", "--init", help="'default' (the architecture's own) or 'mimetic' (attention starts positional; Trockman & Kolter 2023)"),
+    mimetic_alpha: float = typer.Option(0.7, "--mimetic-alpha", help="with --init mimetic: weight of the random part of each head's W_q^T W_k"),
+    mimetic_beta: float = typer.Option(0.7, "--mimetic-beta", help="with --init mimetic: weight of its identity part (larger: heads start more positional)"),
+    pos_scale: float = typer.Option(1.0, "--pos-scale", help="with --init mimetic: scale of the sine-cosine position codes"),
+    freeze_pos_embed: bool = typer.Option(False, "--freeze-pos-embed/--train-pos-embed", help="keep the position embeddings at their initial values (fixed codes)"),
     model_arg: list[str] = typer.Option([], "--model-arg", "-a", help="KEY=VALUE keyword argument for the model factory (JSON value), repeatable"),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder with the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)"),
@@ -84,7 +88,8 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         min_lr_ratio=min_lr_ratio, label_smoothing=label_smoothing, augment=augment, crop_padding=crop_padding,
         hflip=hflip, grad_clip=grad_clip if grad_clip > 0 else None, seed=seed, num_workers=num_workers,
-        holdout_fraction=holdout, amp=amp, init=init,
+        holdout_fraction=holdout, amp=amp, init=init, mimetic_alpha=mimetic_alpha, mimetic_beta=mimetic_beta,
+        pos_scale=pos_scale, freeze_pos_embed=freeze_pos_embed,
     )  # fmt: skip
     try:
         run_training(arch, dataset, out, recipe, model_args=model_kwargs(model_arg), data_root=data_root,

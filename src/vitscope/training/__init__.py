@@ -18,7 +18,7 @@ from vitscope.training.datasets import (
     load_dataset,
 )
 from vitscope.training.evaluation import evaluate
-from vitscope.training.init import mimetic_init, sincos_2d
+from vitscope.training.init import freeze_position_embeddings, mimetic_init, sincos_2d
 from vitscope.training.loop import train
 from vitscope.training.recipe import INITS, ModelSpec, Recipe, TrainError
 from vitscope.training.schedule import warmup_cosine
@@ -26,5 +26,5 @@ from vitscope.training.schedule import warmup_cosine
 __all__ = [
     "INITS", "DatasetSplits", "EpochAugmentation", "ModelSpec", "Recipe", "TensorImageDataset", "TrainError", "TrainResult",
     "count_classes", "data_config_for", "derive_seed", "evaluate", "fashion_mnist_splits", "folder_splits", "load_dataset",
-    "mimetic_init", "normalize", "save_weights", "sincos_2d", "train", "warmup_cosine",
+    "freeze_position_embeddings", "mimetic_init", "normalize", "save_weights", "sincos_2d", "train", "warmup_cosine",
 ]

@@ -55,3 +55,13 @@ def mimetic_init(model: nn.Module, alpha: float = 0.7, beta: float = 0.7, pos_sc
             w[h * dh : (h + 1) * dh] = (u[:, :dh] * root).T
             w[D + h * dh : D + (h + 1) * dh] = vh[:dh] * root[:, None]
     return model
+
+
+def freeze_position_embeddings(model: nn.Module) -> nn.Module:
+    """Keep ``model.pos_embed`` at its current values: it gets no gradient and so no optimiser
+    state (fixed position codes, as in MAE and MoCo v3). Returns ``model``."""
+    pos = getattr(model, "pos_embed", None)
+    if not isinstance(pos, nn.Parameter):
+        raise TrainError(f"freeze_pos_embed needs a model with a learned pos_embed parameter; {type(model).__name__} has none")
+    pos.requires_grad_(False)
+    return model

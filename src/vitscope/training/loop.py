@@ -50,7 +50,7 @@ from vitscope.training.datasets import (
     load_dataset,
 )
 from vitscope.training.evaluation import evaluate
-from vitscope.training.init import mimetic_init
+from vitscope.training.init import freeze_position_embeddings, mimetic_init
 from vitscope.training.recipe import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -118,7 +118,9 @@ def _train(spec: ModelSpec, dataset: Union[str, Path, DatasetSplits], out: Path,
     torch.manual_seed(recipe.seed)
     net = spec.build()
     if recipe.init == "mimetic":
-        mimetic_init(net)
+        mimetic_init(net, alpha=recipe.mimetic_alpha, beta=recipe.mimetic_beta, pos_scale=recipe.pos_scale)
+    if recipe.freeze_pos_embed:
+        freeze_position_embeddings(net)
     net = net.to(ctx.device)
     cfg = data_config_for(net)
     net.pretrained_cfg = dict(cfg)

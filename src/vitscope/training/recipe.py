@@ -41,7 +41,12 @@ class Recipe:
     sub-folder: that share of its images (seeded) becomes the test split. ``amp`` runs forward and
     backward in bfloat16 autocast on CUDA (ignored on CPU, where it is slower). ``init`` is
     ``"default"`` (the architecture's own initialisation) or ``"mimetic"`` (:func:`mimetic_init`:
-    attention starts out attending by position, which small data sets do not teach on their own).
+    attention starts out attending by position, which small data sets do not teach on their own),
+    with ``mimetic_alpha`` and ``mimetic_beta`` the weights of its random and identity parts and
+    ``pos_scale`` the scale of its sine-cosine position codes. ``freeze_pos_embed`` keeps the
+    position embeddings at their initial values (fixed codes, as in MAE and MoCo v3): with
+    mimetic initialisation the heads then keep a positional signal that training cannot erase, and
+    some of them stay local.
     """
 
     epochs: int = 10
@@ -61,6 +66,10 @@ class Recipe:
     holdout_fraction: float = 0.1
     amp: bool = False
     init: str = "default"
+    mimetic_alpha: float = 0.7
+    mimetic_beta: float = 0.7
+    pos_scale: float = 1.0
+    freeze_pos_embed: bool = False
 
     def validate(self) -> None:
         """Raise :class:`TrainError` naming the first field with an impossible value."""
@@ -78,6 +87,9 @@ class Recipe:
             ("eval_batch_size", self.eval_batch_size >= 1, "at least 1"),
             ("holdout_fraction", 0 <= self.holdout_fraction < 1, "in [0, 1)"),
             ("init", self.init in INITS, f"one of {', '.join(INITS)}"),
+            ("mimetic_alpha", self.mimetic_alpha >= 0, "zero or positive"),
+            ("mimetic_beta", self.mimetic_beta >= 0, "zero or positive"),
+            ("pos_scale", self.pos_scale > 0, "positive"),
         ]
         for name, ok, need in checks:
             if not ok:
