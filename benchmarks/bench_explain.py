@@ -44,7 +44,6 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -64,6 +63,8 @@ from vitscope.analysis.faithfulness import (
 )
 from vitscope.core.stats import bootstrap_means
 
+from timing import CLOCKS, interleaved  # noqa: E402  (benchmarks/timing.py)
+
 SHARED = Path(os.environ.get("VITSCOPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
@@ -72,21 +73,9 @@ def auc(curves: np.ndarray, name: str) -> np.ndarray:
     return curve_auc(curves, name)
 
 
-CLOCK: Callable[[], float] = time.perf_counter
+CLOCK: Callable[[], float] = CLOCKS["wall"]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median time of each function over ``repeat`` rounds that call every function once (after a
-    warm-up round); interleaving keeps slow phases of a shared machine from favouring one."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t = CLOCK()
-            fn()
-            times[name].append(CLOCK() - t)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def summarize(per_image: dict[str, dict[str, list[np.ndarray]]], methods, timing, meta) -> dict:
@@ -244,7 +233,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--clock",
-        choices=("wall", "cpu"),
+        choices=tuple(CLOCKS),
         default="wall",
         help="time with wall time, or this process's CPU time (steadier on a shared machine)",
     )
@@ -264,7 +253,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    CLOCK = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -313,7 +302,7 @@ def main() -> None:
             fns: dict[str, Callable[[], object]] = {"forward": lambda: vit.logits(x)}
             for m in methods:
                 fns[m] = lambda m=m: explain(vit, x, m)
-            t = interleaved(fns, args.repeat)
+            t = interleaved(fns, args.repeat, CLOCK)
             timing = {m: t[m] / t["forward"] for m in methods}
             meta["forward_ms_per_image"] = 1000 * t["forward"] / x.shape[0]
             meta["timing_batch"] = x.shape[0]

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,31 +27,19 @@ import torch
 import vitscope
 from vitscope.analysis.importance import head_sweep, partial_pruning, taylor_importance
 
+from timing import CLOCKS, interleaved  # noqa: E402  (benchmarks/timing.py)
+
 SHARED = Path(os.environ.get("VITSCOPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
-CLOCK: Callable[[], float] = time.perf_counter
+CLOCK: Callable[[], float] = CLOCKS["wall"]
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
     """Median time of ``repeat`` calls (after one warm-up call) on ``CLOCK``."""
-    return interleaved({"fn": fn}, repeat)["fn"]
+    return interleaved({"fn": fn}, repeat, CLOCK)["fn"]
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median time of each function over ``repeat`` rounds that call every function once.
-
-    Interleaving keeps slow phases of a shared machine from favouring one measurement.
-    """
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t = CLOCK()
-            fn()
-            times[name].append(CLOCK() - t)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main() -> None:
@@ -66,13 +52,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--clock",
-        choices=("wall", "cpu"),
+        choices=tuple(CLOCKS),
         default="wall",
         help="wall time, or this process's CPU time (steadier on a shared machine; use with --threads 1)",
     )
     args = ap.parse_args()
     global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    CLOCK = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -108,6 +94,7 @@ def main() -> None:
             "sweep_whole": over_batches(lambda x, y: head_sweep(vit, x, y, shortcuts=False)),
         },
         args.repeat,
+        CLOCK,
     )
     t_fwd, t_sweep, t_sweep_other, t_whole = t["fwd"], t["sweep"], t["sweep_other"], t["sweep_whole"]
     t_subset = timed(over_batches(lambda x, y: [vit.logits(x, masks={lh: "all"}) for lh in subset]), 1)

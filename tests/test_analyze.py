@@ -19,6 +19,7 @@ import torch
 
 from vitscope.store import NotARunError, RunMismatchError, RunStore, UnfinishedRunError, open_run
 from vitscope.store.layout import TABLES
+from interruption import interrupt_at_call
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -332,24 +333,13 @@ def test_interrupted_run_resumes_to_the_same_result(stage, tiny_run, tiny, tmp_p
     import vitscope.pipeline as run_mod
 
     patterns = batch_mod.patterns_module()
-    calls = {"n": 0}
-
-    def failing(original, when):
-        def wrapper(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == when:
-                raise KeyboardInterrupt("simulated interruption")
-            return original(*a, **k)
-
-        return wrapper
-
     target = {
         "chunk": (chunks_mod, "analyze_batch", 2),
         "curves": (importance, "ranking_curves_table", 1),
         "catalogue": (patterns, "catalogue_patterns", 2),
         "overview": (patterns, "image_overview", 1),
     }[stage]
-    monkeypatch.setattr(target[0], target[1], failing(getattr(target[0], target[1]), target[2]))
+    interrupt_at_call(monkeypatch, *target)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_mod.analyze(str(tiny["model"]), tiny["images"], out, settings=_tiny_settings(), progress=False, device="cpu")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vitscope.store import RunMismatchError, RunStore, UnfinishedRunError, open_run
+from interruption import interrupt_at_call
 
 N_IMAGES = 40
 INTERACTION_TABLES = ("interaction_layers", "field_image_queries", "field_image_layers", "field_queries", "field_layers",
@@ -141,18 +142,8 @@ def test_report_draws_the_interaction_figures(run, tmp_path):
 def test_interrupted_run_resumes_to_the_same_interactions(stage, run, tmp_path, monkeypatch):
     from vitscope.analysis import interaction, windows
 
-    calls = {"n": 0}
     name, when = {"chunk": ("first_order_impact", 2), "final": ("removal_curve", 1)}[stage]
-    module = interaction if stage == "chunk" else windows
-    original = getattr(module, name)
-
-    def failing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == when:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(*a, **k)
-
-    monkeypatch.setattr(module, name, failing)
+    interrupt_at_call(monkeypatch, interaction if stage == "chunk" else windows, name, when)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         _analyze(out)

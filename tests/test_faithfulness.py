@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_analyze import _make_images, _save_tiny_model, _tiny_settings  # noqa: E402
+from interruption import interrupt_at_call  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,15 +144,7 @@ def test_interrupted_run_resumes_to_the_same_table(stage, scored, tmp_path, monk
     run, root = scored
     module, name, when = {"scoring": (faithfulness, "faithfulness_aucs", 2), "overview": (patterns, "image_overview", 1)}[stage]
     original = getattr(module, name)
-    calls = {"n": 0}
-
-    def failing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == when:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(*a, **k)
-
-    monkeypatch.setattr(module, name, failing)
+    interrupt_at_call(monkeypatch, module, name, when)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         _analyze(root, out)

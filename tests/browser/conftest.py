@@ -29,13 +29,12 @@ Artifacts (screenshots, downloads) go to ``$VITSCOPE_ARTIFACTS`` or ``tests/brow
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 import pytest
-from harness import ARTIFACTS, READY_TIMEOUT_MS, VIEWS, select, shot, wait_drawn
+from harness import READY_TIMEOUT_MS, select, shot, wait_drawn
 
 import vitscope
 

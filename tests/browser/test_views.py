@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 import vitscope
-from harness import VIEWS, select, shot, wait_drawn
+from harness import select, shot, wait_drawn
 
 TOL = 1e-4
 
