@@ -93,3 +93,25 @@ def test_a_dead_rank_loses_only_its_chunk_and_a_rerun_with_one_process_finishes(
     run = open_run(out)
     assert run.manifest["resumed"] == 1
     assert_runs_equal(run, reference)
+
+
+def test_two_nodes_give_the_same_run_as_one(reference, tmp_path):
+    """Two torchrun launchers of one process each, as on two machines that share the run folder
+    (torchrun's static rendezvous: --nnodes 2, --node-rank 0 and 1): both ranks are LOCAL_RANK 0,
+    so nothing may take the local rank for the job's rank; the run equals the one-process run."""
+    from vitscope.store import open_run
+
+    port = _free_port()
+    out = tmp_path / "run"
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "vitscope", "analyze", *ARGS, "-o", str(out)]  # fmt: skip
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    nodes = [node(0), node(1)]
+    results = [p.communicate(timeout=600) for p in nodes]
+    for p, (_, err) in zip(nodes, results):
+        assert p.returncode == 0, err[-3000:]
+    assert sum(err.count("wrote ") for _, err in results) == 1, "only the job's first rank reports"
+    assert_runs_equal(open_run(out), reference)
