@@ -76,8 +76,6 @@ def auc(curves: np.ndarray, name: str) -> np.ndarray:
 CLOCK: Callable[[], float] = CLOCKS["wall"]
 
 
-
-
 def summarize(per_image: dict[str, dict[str, list[np.ndarray]]], methods, timing, meta) -> dict:
     names = list(METRICS)
     aucs = {m: {k: auc(np.concatenate(per_image[m][k]), k) for k in names} for m in methods}

@@ -533,9 +533,10 @@ _UMAP_UNCACHED_KERNELS = {
 }
 
 
+@functools.cache
 def _umap() -> Any:
-    """umap-learn, with :data:`_UMAP_UNCACHED_KERNELS` given numba's on-disk cache (idempotent;
-    a kernel a newer umap-learn renamed or already caches is left alone)."""
+    """umap-learn, with :data:`_UMAP_UNCACHED_KERNELS` given numba's on-disk cache (once per
+    process; a kernel a newer umap-learn renamed is left alone)."""
     import importlib
 
     import umap
@@ -545,12 +546,11 @@ def _umap() -> Any:
         for name in names:
             kernel = getattr(module, name, None)
             enable = getattr(kernel, "enable_caching", None)
-            if enable is not None and not getattr(kernel, "_vitscope_cached", False):
+            if enable is not None:
                 try:
                     enable()
                 except Exception:  # an unwritable cache location: numba compiles as before
-                    continue
-                kernel._vitscope_cached = True
+                    pass
     return umap
 
 
