@@ -44,9 +44,9 @@ class Recipe:
     attention starts out attending by position, which small data sets do not teach on their own),
     with ``mimetic_alpha`` and ``mimetic_beta`` the weights of its random and identity parts and
     ``pos_scale`` the scale of its sine-cosine position codes. ``freeze_pos_embed`` keeps the
-    position embeddings at their initial values (fixed codes, as in MAE and MoCo v3): with
-    mimetic initialisation the heads then keep a positional signal that training cannot erase, and
-    some of them stay local.
+    position embeddings at their initial values (fixed codes, as in MAE and MoCo v3), so training
+    cannot remove the positional signal from the tokens (docs/builtin-model.md measures how much
+    locality the heads keep).
     """
 
     epochs: int = 10
